@@ -1,0 +1,26 @@
+"""hf_stochact: stochastic activations (Lomeli et al., 2025) for any Hugging Face transformers model.
+
+``import hf_stochact`` registers ``"stochastic"`` in transformers' ``ACT2FN``; then set a model config's activation
+field (``hidden_act``, ``hidden_activation`` or ``activation_function``) to ``"stochastic"`` and build the model.
+Settings go in ``config.stochastic_activation`` (a dict of :class:`StochasticSpec` fields) or through
+:func:`configure`. ``p`` is always the probability of **SiLU**.
+"""
+
+from .activations import StochasticActivation, StochasticSpec
+from .registry import ACTIVATION_FIELDS, CONFIG_KEY, activation_field, configure, get_spec, register, stochastic_modules
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "ACTIVATION_FIELDS",
+    "CONFIG_KEY",
+    "StochasticActivation",
+    "StochasticSpec",
+    "activation_field",
+    "configure",
+    "get_spec",
+    "register",
+    "stochastic_modules",
+]

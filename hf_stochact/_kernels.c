@@ -1,0 +1,153 @@
+/*
+ * hf_stochact._kernels: the two loops of the fast SiLU/ReLU draw on CPU, float32 and bfloat16.
+ *
+ * torch's CPU random generator is serial and costs ~8 ns per float; the blend needs bool ops that torch does not
+ * vectorise well. These loops replace both with one pass each:
+ *
+ *   draw_blend:  m = (uniform16(seed, i) < threshold) [& x < 0 for the paper variant]
+ *                y[i] = m ? silu_x[i] : relu(x[i]);  mask[i] = m
+ *   blend_grad:  gx[i] = mask[i] ? silu_grad[i] : (x[i] > 0 ? g[i] : 0)
+ *
+ * SiLU and its gradient come from torch (vectorised); y and gx are written in place over them.
+ * uniform16 is counter-based (SplitMix64 of seed and i / 4, one 16-bit slice per element), so the mask depends
+ * only on the seed (drawn from torch's generator) and the element index: the same on any thread count, and
+ * gradient checkpointing, which restores torch's RNG state, redraws the same seed and hence the same mask.
+ *
+ * Built by `pip install` as a plain CPython extension (no torch headers); pointers come from tensor.data_ptr().
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline uint64_t splitmix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Branch-free selects on the bit patterns (the mask is random: branches would mispredict half the time).
+ * sel(m, a, b) = m ? a : b for m in {0, 1}. relu keeps x where x > 0 or x is NaN (torch's semantics), else +0. */
+static inline uint32_t sel32(uint32_t m, uint32_t a, uint32_t b) { return (a & (0u - m)) | (b & (m - 1u)); }
+static inline uint16_t sel16(uint32_t m, uint16_t a, uint16_t b) { return (uint16_t)sel32(m, a, b); }
+
+#define GOLDEN 0x9e3779b97f4a7c15ULL
+
+/* Uniform 16-bit draws for elements [start, start + BLOCK): element i takes bits 16*(i%4) .. of word i/4
+ * (little-endian view of the words as uint16). Two simple loops per block so the compiler vectorises both. */
+#define BLOCK 1024
+#define PARALLEL_MIN (1 << 16) /* below this many elements one thread is faster than waking a team */
+static inline void draws(uint64_t seed, Py_ssize_t start, uint64_t words[BLOCK / 4]) {
+    uint64_t w0 = (uint64_t)(start / 4);
+    for (int w = 0; w < BLOCK / 4; ++w) words[w] = splitmix64(seed + (w0 + (uint64_t)w + 1) * GOLDEN);
+}
+
+static void draw_blend_f32(const float *x, float *y, uint8_t *mask, Py_ssize_t n, uint64_t seed,
+                           uint32_t threshold, int negative_only, int nthreads) {
+    const uint32_t *xb = (const uint32_t *)x;
+    uint32_t *yb = (uint32_t *)y;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        uint64_t words[BLOCK / 4];
+        const uint16_t *r = (const uint16_t *)words;
+        draws(seed, start, words);
+        Py_ssize_t len = n - start < BLOCK ? n - start : BLOCK;
+        for (Py_ssize_t j = 0; j < len; ++j) {
+            Py_ssize_t i = start + j;
+            float xi = x[i];
+            uint32_t m = (uint32_t)(r[j] < threshold) & (negative_only ? (uint32_t)(xi < 0.0f) : 1u);
+            uint32_t keep = (uint32_t)(xi > 0.0f) | (uint32_t)(xi != xi);
+            mask[i] = (uint8_t)m;
+            yb[i] = sel32(m, yb[i], xb[i] & (0u - keep));
+        }
+    }
+}
+
+static void draw_blend_bf16(const uint16_t *x, uint16_t *y, uint8_t *mask, Py_ssize_t n, uint64_t seed,
+                            uint32_t threshold, int negative_only, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        uint64_t words[BLOCK / 4];
+        const uint16_t *r = (const uint16_t *)words;
+        draws(seed, start, words);
+        Py_ssize_t len = n - start < BLOCK ? n - start : BLOCK;
+        for (Py_ssize_t j = 0; j < len; ++j) {
+            Py_ssize_t i = start + j;
+            float xf = bf16_to_f32(x[i]);
+            uint32_t m = (uint32_t)(r[j] < threshold) & (negative_only ? (uint32_t)(xf < 0.0f) : 1u);
+            uint32_t keep = (uint32_t)(xf > 0.0f) | (uint32_t)(xf != xf);
+            mask[i] = (uint8_t)m;
+            y[i] = sel16(m, y[i], (uint16_t)(x[i] & (0u - keep)));
+        }
+    }
+}
+
+static void blend_grad_f32(const float *x, const float *g, const uint8_t *mask, float *gx, Py_ssize_t n,
+                           int nthreads) {
+    const uint32_t *gb = (const uint32_t *)g;
+    uint32_t *ob = (uint32_t *)gx;
+#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        uint32_t m = mask[i], pos = (uint32_t)(x[i] > 0.0f);
+        ob[i] = sel32(m, ob[i], gb[i] & (0u - pos));
+    }
+}
+
+static void blend_grad_bf16(const uint16_t *x, const uint16_t *g, const uint8_t *mask, uint16_t *gx, Py_ssize_t n,
+                            int nthreads) {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        uint32_t m = mask[i], pos = (uint32_t)(bf16_to_f32(x[i]) > 0.0f);
+        gx[i] = sel16(m, gx[i], (uint16_t)(g[i] & (0u - pos)));
+    }
+}
+
+static PyObject *py_draw_blend(PyObject *self, PyObject *args) {
+    unsigned long long x, y, mask, seed;
+    Py_ssize_t n;
+    unsigned int threshold;
+    int negative_only, dtype, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKnKIpii", &x, &y, &mask, &n, &seed, &threshold, &negative_only, &dtype,
+                          &nthreads))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == 0)
+        draw_blend_f32((const float *)x, (float *)y, (uint8_t *)mask, n, seed, threshold, negative_only, nthreads);
+    else
+        draw_blend_bf16((const uint16_t *)x, (uint16_t *)y, (uint8_t *)mask, n, seed, threshold, negative_only, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_blend_grad(PyObject *self, PyObject *args) {
+    unsigned long long x, g, mask, gx;
+    Py_ssize_t n;
+    int dtype, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKnii", &x, &g, &mask, &gx, &n, &dtype, &nthreads)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == 0)
+        blend_grad_f32((const float *)x, (const float *)g, (const uint8_t *)mask, (float *)gx, n, nthreads);
+    else
+        blend_grad_bf16((const uint16_t *)x, (const uint16_t *)g, (const uint8_t *)mask, (uint16_t *)gx, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"draw_blend", py_draw_blend, METH_VARARGS,
+     "draw_blend(x, y, mask, n, seed, threshold, negative_only, dtype, nthreads): y <- mask ? y : relu(x), mask drawn"},
+    {"blend_grad", py_blend_grad, METH_VARARGS,
+     "blend_grad(x, g, mask, gx, n, dtype, nthreads): gx <- mask ? gx : relu'(x) * g"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
