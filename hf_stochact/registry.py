@@ -91,6 +91,38 @@ def stochastic_modules(model: nn.Module) -> Iterator[StochasticActivation]:
             yield module
 
 
+#: Attribute names under which transformers MLPs hold their activation module. BERT's MLM head
+#: (``transform_act_fn``) is deliberately absent: it is not an FFN.
+FFN_ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "intermediate_act_fn", "activation")
+
+
+def _activation_classes() -> tuple[type, ...]:
+    from transformers.activations import ACT2CLS
+
+    classes = {StochasticActivation, nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid}
+    for value in ACT2CLS.values():
+        cls = value[0] if isinstance(value, tuple) else getattr(value, "func", value)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            classes.add(cls)
+    return tuple(classes)
+
+
+def ffn_activations(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """The FFN activation modules of ``model``, found by walking it: ``(path, parent, attribute, module)``.
+
+    An FFN activation is an activation module (any class transformers' ``ACT2CLS`` builds, torch's own, or an
+    hf_stochact one) held under one of ``FFN_ACTIVATION_ATTRS``.
+    """
+    classes = _activation_classes()
+    found = []
+    for path, parent in model.named_modules():
+        for attr in FFN_ACTIVATION_ATTRS:
+            module = parent._modules.get(attr) if isinstance(parent, nn.Module) else None
+            if module is not None and isinstance(module, classes):
+                found.append((f"{path}.{attr}" if path else attr, parent, attr, module))
+    return found
+
+
 def activation_field(config: Any) -> str | None:
     """The config attribute naming the FFN activation (``hidden_act``, ``hidden_activation`` or
     ``activation_function``), or None when the config has none of them set to a string."""
