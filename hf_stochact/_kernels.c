@@ -20,6 +20,14 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Compile the hot loops for several x86 levels and pick one at load time (ifunc): the 64-bit multiplies of the
+ * hash vectorise with AVX-512, the selects with AVX2; other CPUs get the portable build. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
 static inline uint64_t splitmix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
@@ -49,7 +57,7 @@ static inline void draws(uint64_t seed, Py_ssize_t start, uint64_t words[BLOCK /
     for (int w = 0; w < BLOCK / 4; ++w) words[w] = splitmix64(seed + (w0 + (uint64_t)w + 1) * GOLDEN);
 }
 
-static void draw_blend_f32(const float *x, float *y, uint8_t *mask, Py_ssize_t n, uint64_t seed,
+MULTIVERSION static void draw_blend_f32(const float *x, float *y, uint8_t *mask, Py_ssize_t n, uint64_t seed,
                            uint32_t threshold, int negative_only, int nthreads) {
     const uint32_t *xb = (const uint32_t *)x;
     uint32_t *yb = (uint32_t *)y;
@@ -70,7 +78,7 @@ static void draw_blend_f32(const float *x, float *y, uint8_t *mask, Py_ssize_t n
     }
 }
 
-static void draw_blend_bf16(const uint16_t *x, uint16_t *y, uint8_t *mask, Py_ssize_t n, uint64_t seed,
+MULTIVERSION static void draw_blend_bf16(const uint16_t *x, uint16_t *y, uint8_t *mask, Py_ssize_t n, uint64_t seed,
                             uint32_t threshold, int negative_only, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
@@ -89,7 +97,7 @@ static void draw_blend_bf16(const uint16_t *x, uint16_t *y, uint8_t *mask, Py_ss
     }
 }
 
-static void blend_grad_f32(const float *x, const float *g, const uint8_t *mask, float *gx, Py_ssize_t n,
+MULTIVERSION static void blend_grad_f32(const float *x, const float *g, const uint8_t *mask, float *gx, Py_ssize_t n,
                            int nthreads) {
     const uint32_t *gb = (const uint32_t *)g;
     uint32_t *ob = (uint32_t *)gx;
@@ -100,7 +108,7 @@ static void blend_grad_f32(const float *x, const float *g, const uint8_t *mask, 
     }
 }
 
-static void blend_grad_bf16(const uint16_t *x, const uint16_t *g, const uint8_t *mask, uint16_t *gx, Py_ssize_t n,
+MULTIVERSION static void blend_grad_bf16(const uint16_t *x, const uint16_t *g, const uint8_t *mask, uint16_t *gx, Py_ssize_t n,
                             int nthreads) {
 #pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
     for (Py_ssize_t i = 0; i < n; ++i) {
