@@ -7,7 +7,18 @@ Settings go in ``config.stochastic_activation`` (a dict of :class:`StochasticSpe
 """
 
 from .activations import StochasticActivation, StochasticSpec
-from .registry import ACTIVATION_FIELDS, CONFIG_KEY, activation_field, configure, get_spec, register, stochastic_modules
+from .metrics import SparsityMonitor, measure_sparsity
+from .registry import (
+    ACTIVATION_FIELDS,
+    CONFIG_KEY,
+    activation_field,
+    configure,
+    ffn_activations,
+    get_spec,
+    register,
+    stochastic_modules,
+)
+from .schedule import Stage, StochActSchedule, set_activation
 
 __version__ = "0.1.0"
 
@@ -17,10 +28,16 @@ __all__ = [
     "ACTIVATION_FIELDS",
     "CONFIG_KEY",
     "StochasticActivation",
+    "SparsityMonitor",
+    "Stage",
+    "StochActSchedule",
     "StochasticSpec",
     "activation_field",
     "configure",
+    "ffn_activations",
     "get_spec",
+    "measure_sparsity",
     "register",
+    "set_activation",
     "stochastic_modules",
 ]

@@ -172,6 +172,37 @@ def _threshold16(prob: float) -> int:
     return round(prob * _UINT16_LEVELS) - _UINT16_LEVELS // 2
 
 
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A 64-bit seed for one draw, taken from torch's RNG (or ``generator``) and salted with the distributed rank.
+
+    Taking the seed from torch's RNG keeps ``torch.manual_seed`` reproducibility and makes gradient checkpointing
+    (which restores that RNG) redraw the same mask. Trainer seeds every rank identically; the rank salt gives each
+    rank its own masks, as independent data-parallel replicas should have.
+    """
+    seed = torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=generator).item() & _U64
+    rank = _rank()
+    return seed if rank == 0 else _splitmix64(seed ^ _splitmix64(rank))
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def _seeded(seed: int, device) -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed`` (the torch-ops fallback's source of the mask)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed & (2**63 - 1))
+    return gen
+
+
 def bernoulli_mask(
     shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, device: torch.device | None = None
 ) -> torch.Tensor:
@@ -217,16 +248,16 @@ class _SiluReluDraw(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p: float, negative_only: bool, granularity: str, generator):
+        seed = draw_seed(generator)
         if _fused_ok(x) and granularity == "element":
             x = x.contiguous()
             y = F.silu(x)
             mask = torch.empty(x.shape, dtype=torch.bool)
-            seed = torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=generator).item()
-            _kernels.draw_blend(x.data_ptr(), y.data_ptr(), mask.data_ptr(), x.numel(), seed & _U64,
+            _kernels.draw_blend(x.data_ptr(), y.data_ptr(), mask.data_ptr(), x.numel(), seed,
                                 round(p * _UINT16_LEVELS), negative_only, _DTYPE_CODES[x.dtype],
                                 torch.get_num_threads())
         else:
-            mask = bernoulli_mask(_mask_shape(x, granularity), p, generator, x.device)
+            mask = bernoulli_mask(_mask_shape(x, granularity), p, _seeded(seed, x.device), x.device)
             if negative_only:
                 mask = mask & (x < 0)
             y = torch.where(mask, F.silu(x), torch.relu(x))
@@ -360,7 +391,8 @@ class StochasticActivation(nn.Module):
 
     def _k_way(self, x: torch.Tensor) -> torch.Tensor:
         s = self._spec
-        index = categorical_draw(_mask_shape(x, s.granularity), s.probabilities, self.generator, x.device)
+        generator = _seeded(draw_seed(self.generator), x.device)
+        index = categorical_draw(_mask_shape(x, s.granularity), s.probabilities, generator, x.device)
         region = self._region(x)
         y = x if region is not None else torch.zeros_like(x)
         for k, name in enumerate(s.candidates):
