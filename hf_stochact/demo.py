@@ -2,9 +2,10 @@
 
 1. corpus: CPython's standard-library source (train / held-out split by file), byte-level BPE trained locally;
 2. model: a small Llama built with ``hidden_act="stochastic"`` (StochA, p = P(SiLU));
-3. training: transformers' ``Trainer`` (progress bar, loss logging);
-4. report: held-out loss/perplexity and exact-zero FFN sparsity, with the activation sampling (train mode) and
-   deterministic (eval mode: ReLU by default).
+3. training: transformers' ``Trainer`` with ``StochActSchedule`` (the paper's StochA+FT: StochA, then ReLU for
+   the last ``relu_fraction`` of steps, then the final swap to plain ReLU);
+4. report: held-out loss/perplexity and exact-zero FFN sparsity at three points -- during StochA (sampling and
+   deterministic ReLU eval), and after the ReLU fine-tune -- and the saved model, loadable by stock transformers.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 
 from . import data
 from .metrics import measure_sparsity
-from .registry import CONFIG_KEY, stochastic_modules
+from .registry import CONFIG_KEY, ffn_activations, stochastic_modules
+from .schedule import StochActSchedule
 
 
 @dataclass
@@ -31,6 +34,7 @@ class DemoConfig:
     heads: int = 4
     vocab_size: int = 2048
     p: float = 0.5
+    relu_fraction: float = 0.1
     lr: float = 2e-3
     train_chars: int = 3_000_000
     eval_blocks: int = 64
@@ -49,16 +53,32 @@ def build_corpus(cfg: DemoConfig):
     return tokenizer, train, held.blocks[: cfg.eval_blocks]
 
 
-def build_model(cfg: DemoConfig, vocab_size: int):
+def build_model(cfg: DemoConfig, vocab_size: int, activation: str = "stochastic"):
+    """The demo's small Llama with FFN ``activation`` (``"stochastic"`` gets ``p = cfg.p``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-        max_position_embeddings=cfg.block_size, hidden_act="stochastic", tie_word_embeddings=True,
+        max_position_embeddings=cfg.block_size, hidden_act=activation, tie_word_embeddings=True,
     )
-    setattr(config, CONFIG_KEY, {"p": cfg.p})
+    if activation == "stochastic":
+        setattr(config, CONFIG_KEY, {"p": cfg.p})
     return LlamaForCausalLM(config)
+
+
+def training_arguments(cfg: DemoConfig, **overrides):
+    """The demo's TrainingArguments (cosine LR with 5% warm-up, CPU, no checkpoints, no reporting)."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=cfg.output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=max(1, cfg.steps // 20), weight_decay=0.01,
+        logging_steps=max(1, cfg.steps // 10), save_strategy="no", report_to=[], seed=cfg.seed,
+        dataloader_num_workers=0, use_cpu=True, disable_tqdm=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
 
 
 @torch.no_grad()
@@ -74,11 +94,11 @@ def held_out_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
     return total / count
 
 
-def evaluate(model, blocks: torch.Tensor, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Loss and sparsity with the activation sampling (train mode, dropout is 0) and deterministic (eval mode)."""
+def evaluate(model, blocks: torch.Tensor, modes: dict[str, bool], seed: int = 0) -> dict[str, dict[str, float]]:
+    """Held-out loss and FFN sparsity per ``{label: train_mode}`` (train mode samples; dropout is 0 here)."""
     report = {}
     was_training = model.training
-    for label, train_mode in (("sampling (train mode)", True), ("deterministic (eval mode)", False)):
+    for label, train_mode in modes.items():
         model.train(train_mode)
         torch.manual_seed(seed)
         loss = held_out_loss(model, blocks)
@@ -88,8 +108,21 @@ def evaluate(model, blocks: torch.Tensor, seed: int = 0) -> dict[str, dict[str, 
     return report
 
 
+class _EvalBeforeSwitch(TrainerCallback):
+    """Evaluates the model once, just before the schedule's switch to ReLU (end of the StochA phase)."""
+
+    def __init__(self, schedule: StochActSchedule, blocks: torch.Tensor, seed: int):
+        self.schedule, self.blocks, self.seed, self.report = schedule, blocks, seed, {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        starts = self.schedule.resolve(state.max_steps)
+        if len(starts) > 1 and state.global_step == starts[-1] - 1 and not self.report:
+            self.report = evaluate(model, self.blocks, {"StochA, sampling (train mode)": True,
+                                                        "StochA model, ReLU eval (eval mode)": False}, self.seed)
+
+
 def run(cfg: DemoConfig) -> dict:
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     set_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -101,22 +134,27 @@ def run(cfg: DemoConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[2/4] model: Llama {cfg.layers}x{cfg.hidden_size} (FFN {cfg.intermediate_size}), {n_params / 1e6:.1f}M "
           f"params, FFN activation: {act}")
-    args = TrainingArguments(
-        output_dir=cfg.output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=max(1, cfg.steps // 20), weight_decay=0.01,
-        logging_steps=max(1, cfg.steps // 10), save_strategy="no", report_to=[], seed=cfg.seed,
-        dataloader_num_workers=0, use_cpu=True, disable_tqdm=False,
-    )
-    print(f"[3/4] training {cfg.steps} steps (batch {cfg.batch_size}x{cfg.block_size}) ...")
-    trainer = Trainer(model=model, args=args, train_dataset=train)
+    args = training_arguments(cfg)
+    schedule = StochActSchedule(p=cfg.p, relu_fraction=cfg.relu_fraction)
+    before = _EvalBeforeSwitch(schedule, held, cfg.seed)
+    print(f"[3/4] training {cfg.steps} steps (batch {cfg.batch_size}x{cfg.block_size}), StochA+FT: StochA(p={cfg.p}) "
+          f"then ReLU for the last {cfg.relu_fraction:.0%} of steps ...")
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[schedule, before])
     result = trainer.train()
     print("[4/4] held-out evaluation")
-    report = evaluate(model, held, seed=cfg.seed)
+    report = dict(before.report)
+    report.update(evaluate(model, held, {"after ReLU fine-tune (final)": False}, cfg.seed))
+    final_dir = f"{cfg.output_dir}/final"
+    model.save_pretrained(final_dir)
+    tokenizer.save_pretrained(final_dir)
     print(f"\n  train loss (last logging window): {_last_loss(trainer):.3f}   (mean over run {result.training_loss:.3f})")
-    print(f"  {'mode':<28}{'held-out loss':>14}{'ppl':>10}{'FFN zeros':>12}")
+    print(f"  {'model / mode':<38}{'held-out loss':>14}{'ppl':>10}{'FFN zeros':>12}")
     for label, r in report.items():
-        print(f"  {label:<28}{r['loss']:>14.3f}{r['ppl']:>10.2f}{r['sparsity']:>11.1%}")
-    print(f"\n  done in {time.perf_counter() - t0:.0f} s")
+        print(f"  {label:<38}{r['loss']:>14.3f}{r['ppl']:>10.2f}{r['sparsity']:>11.1%}")
+    kinds = sorted({type(m).__name__ for *_, m in ffn_activations(model)})
+    print(f"\n  final FFN activation: {', '.join(kinds)}; config.hidden_act = {model.config.hidden_act!r}")
+    print(f"  saved to {final_dir} (loads with stock transformers, no hf_stochact needed)")
+    print(f"  done in {time.perf_counter() - t0:.0f} s")
     return {"report": report, "train_loss": result.training_loss, "model": model, "tokenizer": tokenizer}
 
 

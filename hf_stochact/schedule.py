@@ -167,8 +167,11 @@ class StochActSchedule(TrainerCallback):
             raise ValueError(f"the first stage must start at step 0, got {starts[0]}")
         _check_increasing(self.stages, starts, f"for max_steps={max_steps}")
         if starts[-1] >= max_steps:
-            raise ValueError(f"stage {len(starts) - 1} ({self.stages[-1].activation}) starts at step {starts[-1]}, "
-                             f"beyond the end of training (max_steps={max_steps}); move it earlier or train longer")
+            last = self.stages[-1]
+            hint = (f" (a final phase of {1 - last.start:g} x {max_steps} steps is less than one step: raise "
+                    "relu_fraction or train longer)" if isinstance(last.start, float) else "")
+            raise ValueError(f"stage {len(starts) - 1} ({last.activation}) starts at step {starts[-1]}, beyond the end "
+                             f"of training (max_steps={max_steps}); move it earlier or train longer{hint}")
         return starts
 
     def stage_at(self, step: int, max_steps: int) -> tuple[int, float | None]:
