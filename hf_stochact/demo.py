@@ -147,7 +147,8 @@ def run(cfg: DemoConfig) -> dict:
     final_dir = f"{cfg.output_dir}/final"
     model.save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)
-    print(f"\n  train loss (last logging window): {_last_loss(trainer):.3f}   (mean over run {result.training_loss:.3f})")
+    print(f"\n  train loss (last logging window): {_last_loss(trainer):.3f}   "
+          f"(mean over run {result.training_loss:.3f})")
     print(f"  {'model / mode':<38}{'held-out loss':>14}{'ppl':>10}{'FFN zeros':>12}")
     for label, r in report.items():
         print(f"  {label:<38}{r['loss']:>14.3f}{r['ppl']:>10.2f}{r['sparsity']:>11.1%}")
