@@ -7,6 +7,8 @@ Settings go in ``config.stochastic_activation`` (a dict of :class:`StochasticSpe
 """
 
 from .activations import StochasticActivation, StochasticSpec
+from .generation import install as _install_generation
+from .generation import set_generation_defaults, stochastic_decoding
 from .metrics import SparsityMonitor, measure_sparsity
 from .registry import (
     ACTIVATION_FIELDS,
@@ -23,6 +25,7 @@ from .schedule import Stage, StochActSchedule, set_activation
 __version__ = "0.1.0"
 
 register()
+_install_generation()
 
 __all__ = [
     "ACTIVATION_FIELDS",
@@ -39,5 +42,7 @@ __all__ = [
     "measure_sparsity",
     "register",
     "set_activation",
+    "set_generation_defaults",
+    "stochastic_decoding",
     "stochastic_modules",
 ]
