@@ -21,6 +21,7 @@ from .registry import (
     stochastic_modules,
 )
 from .schedule import Stage, StochActSchedule, set_activation
+from .sparse import SparseConfig, is_sparsified, sparsify, unsparsify
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "ACTIVATION_FIELDS",
     "CONFIG_KEY",
     "StochasticActivation",
+    "SparseConfig",
     "SparsityMonitor",
     "Stage",
     "StochActSchedule",
@@ -39,10 +41,13 @@ __all__ = [
     "configure",
     "ffn_activations",
     "get_spec",
+    "is_sparsified",
     "measure_sparsity",
     "register",
     "set_activation",
     "set_generation_defaults",
+    "sparsify",
     "stochastic_decoding",
     "stochastic_modules",
+    "unsparsify",
 ]

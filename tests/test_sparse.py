@@ -1,0 +1,149 @@
+"""sparsify(): exact against the dense path on several architectures, token counts and dtypes; fallbacks; errors."""
+
+import pytest
+import torch
+import transformers as tf
+from helpers import tiny_llama
+
+import hf_stochact
+from hf_stochact import SparseConfig, is_sparsified, sparsify, unsparsify
+from hf_stochact import sparse as sp
+
+SMALL = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+RELU_ARCHS = {
+    "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, intermediate_size=256, hidden_act="relu")),
+    "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL, intermediate_size=256, hidden_act="relu",
+                                                        num_key_value_heads=2)),
+    "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**SMALL, intermediate_size=256, head_dim=16,
+                                                           num_key_value_heads=2, hidden_activation="relu")),
+    "phi3-fused": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**SMALL, intermediate_size=256, hidden_act="relu",
+                                                           pad_token_id=0)),
+    "opt-plain": lambda: tf.OPTForCausalLM(tf.OPTConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, ffn_dim=256, word_embed_proj_dim=64,
+                                                        activation_function="relu")),
+    "gpt2-conv1d": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4,
+                                                            activation_function="relu")),
+    "neox-relu2": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**SMALL, intermediate_size=256,
+                                                                 hidden_act="relu2")),
+}
+
+
+@pytest.fixture
+def count_sparse_calls(monkeypatch):
+    calls = []
+    original = sp.gather_axpy
+    monkeypatch.setattr(sp, "gather_axpy", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("arch", sorted(RELU_ARCHS))
+@pytest.mark.parametrize("tokens", [1, 3, 12])
+def test_sparse_equals_dense(arch, tokens, count_sparse_calls):
+    torch.manual_seed(0)
+    model = RELU_ARCHS[arch]().eval()
+    ids = torch.randint(3, 97, (1, tokens))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        sparsify(model, max_tokens=4, max_density=1.0)
+        assert is_sparsified(model)
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    assert bool(count_sparse_calls) == (tokens <= 4), "sparse path for few tokens, dense fallback for many"
+
+
+def test_decode_with_generate_is_identical(count_sparse_calls):
+    model = tiny_llama("relu").eval()
+    ids = torch.randint(3, 97, (2, 5))
+    dense = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    sparsify(model, max_density=1.0)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0), dense)
+    assert count_sparse_calls
+    unsparsify(model)
+    assert not is_sparsified(model)
+
+
+def test_bfloat16_within_rounding():
+    torch.manual_seed(0)
+    mlp = RELU_ARCHS["llama"]().model.layers[0].mlp.to(torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        dense = mlp(x).float()
+        sparsify(mlp, max_density=1.0)
+        out = mlp(x).float()
+        exact = mlp.down_proj.weight.float() @ (torch.relu(mlp.gate_proj.weight.float() @ x.float().t())
+                                                * (mlp.up_proj.weight.float() @ x.float().t()))
+    # both within bf16 rounding of the exact (float32) value: 2^-8 relative per element, a few roundings deep
+    bound = 4 * 2**-8 * exact.abs().max()
+    assert (out - exact.t()).abs().max() <= bound and (dense - exact.t()).abs().max() <= bound
+    torch.testing.assert_close(out, dense, rtol=2e-2, atol=2e-2)
+
+
+def test_single_module_and_density_fallback(count_sparse_calls):
+    torch.manual_seed(0)
+    mlp = RELU_ARCHS["llama"]().model.layers[0].mlp
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        ref = mlp(x)
+        assert sparsify(mlp, max_density=0.01) is mlp
+        torch.testing.assert_close(mlp(x), ref)
+        assert not count_sparse_calls, "~50% active > max_density=0.01: dense"
+        unsparsify(mlp)
+        sparsify(mlp, max_density=0.9)
+        torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-6)
+        assert count_sparse_calls
+
+
+def test_in_place_weight_change_refreshes_the_transposed_copy():
+    torch.manual_seed(0)
+    mlp = RELU_ARCHS["llama"]().model.layers[0].mlp
+    sparsify(mlp, max_density=1.0)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        mlp(x)
+        mlp.down_proj.weight.mul_(2.0)
+        out = mlp(x)
+        unsparsify(mlp)
+        torch.testing.assert_close(out, mlp(x), rtol=1e-5, atol=1e-6)
+
+
+def test_autograd_uses_the_dense_path(count_sparse_calls):
+    model = tiny_llama("relu").train()
+    sparsify(model, max_density=1.0)
+    ids = torch.randint(3, 97, (1, 2))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not count_sparse_calls
+    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_save_after_sparsify_keeps_the_state_dict(tmp_path):
+    model = tiny_llama("relu")
+    keys = set(model.state_dict())
+    sparsify(model)
+    assert set(model.state_dict()) == keys
+    model.save_pretrained(tmp_path)
+    assert isinstance(tf.LlamaForCausalLM.from_pretrained(tmp_path), tf.LlamaForCausalLM)
+
+
+def test_gather_kernels_match_torch():
+    torch.manual_seed(0)
+    w = torch.randn(300, 70)
+    x = torch.randn(3, 70)
+    idx = torch.tensor([5, 0, 299, 17, 17])
+    torch.testing.assert_close(sp.gather_dot(w, x, idx), x @ w[idx].t(), rtol=1e-5, atol=1e-5)
+    h = torch.randn(3, 5)
+    torch.testing.assert_close(sp.gather_axpy(w, h, idx), h @ w[idx], rtol=1e-5, atol=1e-5)
+    wb = w.to(torch.bfloat16)
+    torch.testing.assert_close(sp.gather_dot(wb, x, idx), x @ wb.float()[idx].t(), rtol=1e-5, atol=1e-4)
+
+
+def test_no_relu_ffn_raises_and_bad_config():
+    with pytest.raises(ValueError, match="no FFN with a ReLU.*SiLU"):
+        sparsify(tiny_llama("silu"))
+    with pytest.raises(ValueError, match="max_density"):
+        SparseConfig(max_density=1.5)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SparseConfig(max_tokens=0)
+
+
+def test_exported_api():
+    assert hf_stochact.sparsify is sparsify
