@@ -13,13 +13,18 @@ COMMANDS = {
              "train a small Llama on CPython's stdlib with StochA+FT and report perplexity and FFN sparsity"),
     "relufy": ("hf_stochact.relufy", "RelufyConfig",
                "fine-tune a pretrained SiLU model into a sparse ReLU model (e.g. SmolLM2-135M from a GGUF file)"),
+    "bench": ("hf_stochact.bench", "BenchConfig",
+              "dense vs sparse FFN speed on this CPU: MLP microbenchmarks, or decode tokens/s of --model"),
 }
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"(default: {f.default!r})")
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default!r})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ class RelufyConfig:
     stocha_fraction: float = 0.0
     p: float = 0.5
     l1: float = 0.0
+    bf16: bool = False
     train_chars: int = 4_000_000
     eval_file: str = "argparse.py"
     eval_chars: int = 50_000
@@ -72,6 +73,9 @@ def eval_ids(tokenizer, cfg: RelufyConfig) -> torch.Tensor:
     text = (data.stdlib_root() / cfg.eval_file).read_text(encoding="utf-8")[: cfg.eval_chars]
     ids = torch.tensor(data.encode(tokenizer, text))
     n = len(ids) // cfg.eval_window
+    if n == 0:
+        raise ValueError(f"eval_chars={cfg.eval_chars} of {cfg.eval_file} give {len(ids)} tokens, fewer than one "
+                         f"eval_window={cfg.eval_window}; raise eval_chars or lower eval_window")
     return ids[: n * cfg.eval_window].view(n, cfg.eval_window)
 
 
@@ -143,7 +147,7 @@ def run(cfg: RelufyConfig) -> dict:
         output_dir=str(out_dir / "trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=max(1, cfg.steps // 30), save_strategy="no",
-        report_to=[], seed=cfg.seed, use_cpu=True, dataloader_num_workers=0,
+        report_to=[], seed=cfg.seed, use_cpu=True, dataloader_num_workers=0, bf16=cfg.bf16,
     )
     trainer_cls = type("RelufyTrainer", (_L1Trainer, Trainer), {"l1": cfg.l1})
     trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=[schedule_for(cfg)])

@@ -96,10 +96,18 @@ class _DownRows:
         weight, _, transposed = _linear_parts(self.layer)
         if transposed is not None:
             return transposed.contiguous()
-        if self.rows is None or self._version != weight._version or self.rows.dtype != weight.dtype:
+        key = (weight.data_ptr(), weight.dtype, _version(weight))
+        if self.rows is None or self._version != key:
             self.rows = weight.detach().t().contiguous()
-            self._version = weight._version
+            self._version = key
         return self.rows
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # tensors created under inference_mode have no version counter (and cannot change)
+        return None
 
 
 def _kernel_ok(*tensors: torch.Tensor) -> bool:

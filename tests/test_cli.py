@@ -19,3 +19,19 @@ def test_demo_runs_and_reports_sparsity(capsys, tmp_path):
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         main(["nope"])
+
+
+def test_bench_microbenchmark_runs_and_checks_exactness(capsys, tmp_path):
+    out = tmp_path / "bench.md"
+    assert main(["bench", "--shapes", "64x256", "--sparsities", "0.5,0.9", "--dtypes", "float32,bfloat16",
+                 "--rounds", "1", "--min-bytes", "0", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("| 64x256 |") == 4 and "ideal" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| 64x256")]
+    assert {r[3].strip() for r in rows} == {"0.50", "0.90"}  # the requested sparsity is the one measured
+    assert all(float(r[8]) < (1e-5 if r[2].strip() == "float32" else 2e-2) for r in rows)
+
+
+def test_relufy_requires_a_model():
+    with pytest.raises(ValueError, match="--model"):
+        main(["relufy"])

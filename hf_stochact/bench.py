@@ -1,0 +1,174 @@
+"""`hf-stochact bench`: dense vs sparse FFN speed on this CPU, side by side in one process (medians).
+
+* Microbenchmark: a Llama-style gated MLP of each shape ``d x d_ff`` whose gate is arranged so that exactly a
+  fraction ``s`` of neurons is zero for the input (rows of a Gaussian W_gate sign-flipped), copies rotated so the
+  weights come from memory rather than cache (>= ``min_bytes`` in all), dense and sparsified forward alternated.
+* A saved model (``--model``): greedy decode tokens/s with and without :func:`~hf_stochact.sparsify`.
+
+Speed is reported only as ratios measured side by side; the ideal for a dense gate is 1 / (1/3 + 2/3 (1 - s)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from .sparse import sparsify, unsparsify
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    shapes: str = "576x1536,2048x8192,4096x14336"
+    sparsities: str = "0.5,0.8,0.9,0.95,0.99"
+    dtypes: str = "float32,bfloat16"
+    tokens: int = 1
+    rounds: int = 9
+    threads: int = 2
+    min_bytes: int = 160 * 2**20
+    model: str = ""
+    gguf: str = ""
+    new_tokens: int = 64
+    out: str = ""
+
+
+def ideal(s: float) -> float:
+    return 1.0 / (1.0 / 3.0 + 2.0 / 3.0 * (1.0 - s))
+
+
+class GatedMLP(nn.Module):
+    """LlamaMLP's computation with ReLU: down(relu(gate(x)) * up(x))."""
+
+    def __init__(self, d: int, d_ff: int, dtype: torch.dtype):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, d_ff, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(d, d_ff, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(d_ff, d, bias=False, dtype=dtype)
+        self.act_fn = nn.ReLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_mlp(d: int, d_ff: int, s: float, x: torch.Tensor, dtype: torch.dtype, seed: int) -> GatedMLP:
+    """A gated MLP whose gate is positive for exactly round((1 - s) d_ff) neurons on every token of ``x``."""
+    g = torch.Generator().manual_seed(seed)
+    mlp = GatedMLP(d, d_ff, dtype)
+    with torch.no_grad():
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.weight.shape[1] ** 0.5)
+        active = torch.randperm(d_ff, generator=g)[: round((1 - s) * d_ff)]
+        sign = -torch.ones(d_ff)
+        sign[active] = 1.0
+        # flip rows so that the gate's sign on the (mean) input is `sign`: exact for one token; for several tokens
+        # the union of active neurons is what the benchmark reports as 1 - s
+        pre = mlp.gate_proj.weight.float() @ x.float().mean(0)
+        mlp.gate_proj.weight.mul_((sign * torch.sign(pre)).to(dtype)[:, None])
+    return mlp
+
+
+def _time(fn, reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+@torch.inference_mode()
+def microbench(cfg: BenchConfig, progress=print) -> list[dict]:
+    torch.set_num_threads(cfg.threads)
+    rows = []
+    for shape in cfg.shapes.split(","):
+        d, d_ff = (int(v) for v in shape.lower().split("x"))
+        for dtype_name in cfg.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            bytes_per_mlp = 3 * d * d_ff * torch.tensor([], dtype=dtype).element_size()
+            copies = max(1, -(-cfg.min_bytes // bytes_per_mlp))
+            x = torch.randn(cfg.tokens, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+            for s_text in cfg.sparsities.split(","):
+                s = float(s_text)
+                mlps = [make_mlp(d, d_ff, s, x, dtype, seed=i) for i in range(copies)]
+                measured_s = float((mlps[0].act_fn(mlps[0].gate_proj(x)) == 0).all(0).float().mean())
+                dense_ref = [m(x) for m in mlps]
+                for m in mlps:
+                    sparsify(m, max_tokens=max(cfg.tokens, 1), max_density=1.0)
+                err = max(float(((m(x) - r).abs().max() / r.abs().max())) for m, r in zip(mlps, dense_ref))
+                # both paths are called as bound forwards: the sparsified instance forward and the original one
+                calls = {"dense": [m._hf_sparse["dense_forward"] for m in mlps], "sparse": [m.forward for m in mlps]}
+                t = {"dense": [], "sparse": []}
+                for _ in range(cfg.rounds):
+                    for name, fns in calls.items():
+                        t[name].append(_time(lambda fns=fns: [f(x) for f in fns], 3) / copies)
+                dense_ms, sparse_ms = statistics.median(t["dense"]) * 1e3, statistics.median(t["sparse"]) * 1e3
+                row = {"shape": shape, "dtype": dtype_name, "tokens": cfg.tokens, "s": s, "measured_s": measured_s,
+                       "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
+                       "ideal": ideal(measured_s), "max_rel_err": err, "copies": copies}
+                rows.append(row)
+                progress(f"{shape:>11} {dtype_name:>8} s={measured_s:.2f}: dense {dense_ms:7.3f} ms, sparse "
+                         f"{sparse_ms:7.3f} ms, {row['speedup']:.2f}x (ideal {row['ideal']:.2f}x), rel.err {err:.1e}")
+                del mlps
+    return rows
+
+
+@torch.inference_mode()
+def model_bench(cfg: BenchConfig, progress=print) -> dict:
+    """Greedy decode tokens/s of a saved model, dense vs sparsified, alternated."""
+    import transformers as tf
+
+    torch.set_num_threads(cfg.threads)
+    kw = {"gguf_file": cfg.gguf} if cfg.gguf else {}
+    model = tf.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, **kw).eval()
+    tok = tf.AutoTokenizer.from_pretrained(cfg.model, **kw)
+    ids = tok("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", return_tensors="pt").input_ids
+    gen = dict(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False,
+               pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    dense_out = model.generate(ids, **gen)
+    sparsify(model)
+    sparse_out = model.generate(ids, **gen)
+    times = {"dense": [], "sparse": []}
+    for _ in range(cfg.rounds):
+        for name in ("dense", "sparse"):
+            (unsparsify if name == "dense" else sparsify)(model)
+            t0 = time.perf_counter()
+            model.generate(ids, **gen)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {"model": cfg.model, "gguf": cfg.gguf, "new_tokens": cfg.new_tokens,
+              "dense_tok_s": cfg.new_tokens / med["dense"], "sparse_tok_s": cfg.new_tokens / med["sparse"],
+              "speedup": med["dense"] / med["sparse"], "identical_tokens": bool(torch.equal(dense_out, sparse_out))}
+    progress(f"decode: dense {result['dense_tok_s']:.1f} tok/s, sparse {result['sparse_tok_s']:.1f} tok/s, "
+             f"{result['speedup']:.2f}x, identical greedy output: {result['identical_tokens']}")
+    return result
+
+
+def markdown(rows: list[dict], cfg: BenchConfig) -> str:
+    lines = [
+        f"Gated ReLU MLP, {cfg.tokens} token(s) per call, {cfg.threads} threads, torch {torch.__version__}; weights "
+        f"rotated over >= {cfg.min_bytes >> 20} MiB of copies; dense and sparse alternated, {cfg.rounds} rounds, "
+        "medians. ideal = 1 / (1/3 + 2/3 (1 - s)).",
+        "",
+        "| shape d x d_ff | dtype | s | dense ms | sparse ms | speedup | ideal | max rel. error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['measured_s']:.2f} | {r['dense_ms']:.3f} | "
+                     f"{r['sparse_ms']:.3f} | **{r['speedup']:.2f}x** | {r['ideal']:.2f}x | {r['max_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def run(cfg: BenchConfig) -> dict:
+    result: dict = {}
+    if cfg.model:
+        result["model"] = model_bench(cfg)
+    else:
+        rows = microbench(cfg)
+        result["micro"] = rows
+        text = markdown(rows, cfg)
+        print("\n" + text)
+        if cfg.out:
+            with open(cfg.out, "w") as f:
+                f.write(text + "\n")
+    return result
