@@ -21,7 +21,7 @@ from .registry import (
     stochastic_modules,
 )
 from .schedule import Stage, StochActSchedule, set_activation
-from .sparse import SparseConfig, is_sparsified, sparsify, unsparsify
+from .sparse import SparseConfig, is_sparsified, sparse_stats, sparsify, unsparsify
 
 __version__ = "0.1.0"
 
@@ -46,6 +46,7 @@ __all__ = [
     "register",
     "set_activation",
     "set_generation_defaults",
+    "sparse_stats",
     "sparsify",
     "stochastic_decoding",
     "stochastic_modules",

@@ -262,6 +262,92 @@ static PyObject *py_gather(PyObject *self, PyObject *args, int axpy) {
 static PyObject *py_gather_dot(PyObject *self, PyObject *args) { return py_gather(self, args, 0); }
 static PyObject *py_gather_axpy(PyObject *self, PyObject *args) { return py_gather(self, args, 1); }
 
+/* ---------------------------------------------------------------------------------------------------------------
+ * The whole sparse gated MLP of a decode step in one call (Python dispatch per torch op costs more than the
+ * memory traffic of a small MLP):
+ *
+ *   g[t, i]  = act(Wg[i] . x[t] + bg[i])          all i (the gate stays dense), act = ReLU (0) or ReLU^2 (1)
+ *   idx      = { i : g[t, i] != 0 for some t }     union over the T tokens, k = |idx|
+ *   if k > max_active: return -1                   (g is left in g_out for the caller's dense fallback)
+ *   h[t, j]  = g[t, idx_j] * (Wu[idx_j] . x[t] + bu[idx_j])
+ *   y[t, :]  = sum_j h[t, j] WdT[idx_j, :] + bd
+ *
+ * x, biases, g_out, h, y: float32. Weights: float32 (dtype 0) or bfloat16 (dtype 1), rows contiguous.
+ * Bias pointers may be 0. Returns k.
+ */
+MULTIVERSION static void rows_dot(const void *W, int dtype, const float *x, const int64_t *idx, Py_ssize_t n,
+                                  Py_ssize_t d, Py_ssize_t T, const float *bias, float *out, Py_ssize_t out_stride,
+                                  int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n * d > PARALLEL_MIN)
+    for (Py_ssize_t j = 0; j < n; ++j) {
+        Py_ssize_t r = idx ? idx[j] : j;
+
+        float b = bias ? bias[r] : 0.0f;
+        for (Py_ssize_t t = 0; t < T; ++t) {
+            const float *xt = x + t * d;
+            float acc = 0.0f;
+            if (dtype == 0) {
+                const float *row = (const float *)W + r * d;
+#pragma omp simd reduction(+ : acc)
+                for (Py_ssize_t c = 0; c < d; ++c) acc += row[c] * xt[c];
+            } else {
+                const uint16_t *row = (const uint16_t *)W + r * d;
+#pragma omp simd reduction(+ : acc)
+                for (Py_ssize_t c = 0; c < d; ++c) acc += bf16_to_f32(row[c]) * xt[c];
+            }
+            out[t * out_stride + j] = acc + b;
+        }
+    }
+}
+
+static PyObject *py_sparse_mlp(PyObject *self, PyObject *args) {
+    unsigned long long x, wg, bg, wu, bu, wdt, bd, g, idx, h, y;
+    Py_ssize_t d, dff, T, max_active;
+    int act, dtype, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKnnnniii", &x, &wg, &bg, &wu, &bu, &wdt, &bd, &g, &idx, &h, &y, &d, &dff,
+                          &T, &max_active, &act, &dtype, &nthreads))
+        return NULL;
+    if (T < 1 || T > MAX_T) {
+        PyErr_Format(PyExc_ValueError, "T (tokens) must be in [1, %d], got %zd", MAX_T, T);
+        return NULL;
+    }
+    Py_ssize_t k = 0;
+    Py_BEGIN_ALLOW_THREADS
+    float *gf = (float *)g, *hf = (float *)h, *yf = (float *)y;
+    int64_t *ix = (int64_t *)idx;
+    const float *xf = (const float *)x;
+    /* 1. dense gate + activation (wg == 0: the caller already wrote the gate pre-activation into g) */
+    if (wg) rows_dot((const void *)wg, dtype, xf, NULL, dff, d, T, (const float *)bg, gf, dff, nthreads);
+    for (Py_ssize_t t = 0; t < T; ++t)
+        for (Py_ssize_t i = 0; i < dff; ++i) {
+            float v = gf[t * dff + i];
+            v = v > 0.0f ? v : (v != v ? v : 0.0f);
+            gf[t * dff + i] = act == 1 ? v * v : v;
+        }
+    /* 2. union of active neurons */
+    for (Py_ssize_t i = 0; i < dff; ++i) {
+        int on = 0;
+        for (Py_ssize_t t = 0; t < T; ++t) on |= gf[t * dff + i] != 0.0f;
+        if (on) ix[k++] = i;
+    }
+    if (k <= max_active) {
+        /* 3. up rows of active neurons, times the gate */
+        rows_dot((const void *)wu, dtype, xf, ix, k, d, T, (const float *)bu, hf, k, nthreads);
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t j = 0; j < k; ++j) hf[t * k + j] *= gf[t * dff + ix[j]];
+        /* 4. down: y = h @ WdT[idx] + bd */
+        if (dtype == 0)
+            gather_axpy_f32((const float *)wdt, hf, ix, yf, d, k, T, nthreads);
+        else
+            gather_axpy_bf16((const uint16_t *)wdt, hf, ix, yf, d, k, T, nthreads);
+        if (bd)
+            for (Py_ssize_t t = 0; t < T; ++t)
+                for (Py_ssize_t c = 0; c < d; ++c) yf[t * d + c] += ((const float *)bd)[c];
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromSsize_t(k <= max_active ? k : -1);
+}
+
 static PyMethodDef methods[] = {
     {"draw_blend", py_draw_blend, METH_VARARGS,
      "draw_blend(x, y, mask, n, seed, threshold, negative_only, dtype, nthreads): y <- mask ? y : relu(x), mask drawn"},
@@ -271,6 +357,8 @@ static PyMethodDef methods[] = {
      "gather_dot(W, x, idx, out, d, k, T, dtype, nthreads): out[t, j] = W[idx[j]] . x[t]"},
     {"gather_axpy", py_gather_axpy, METH_VARARGS,
      "gather_axpy(WT, h, idx, y, d, k, T, dtype, nthreads): y[t] = sum_j h[t, j] WT[idx[j]]"},
+    {"sparse_mlp", py_sparse_mlp, METH_VARARGS,
+     "sparse_mlp(x, Wg, bg, Wu, bu, WdT, bd, g, idx, h, y, d, dff, T, max_active, act, dtype, nthreads) -> k or -1"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -42,6 +42,10 @@ FUSED_GATED_NAMES = (("gate_up_proj", "down_proj"),)
 PLAIN_DOWN_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "wo")
 _WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_KERNEL_TOKENS = 16  # the C loops' limit (MAX_T)
+# Who computes the dense gate: MKL (torch) is faster on large float32 matrices, the compiled loop on small ones and
+# on bfloat16 (measured: docs/sparse_inference.md). None = choose so; True/False force one (benchmarks).
+_GATE_BY_TORCH: bool | None = None
+_TORCH_GATE_MIN = 4 * 2**20
 
 
 @dataclasses.dataclass
@@ -54,7 +58,7 @@ class SparseConfig:
     """
 
     max_tokens: int = 4
-    max_density: float = 0.6
+    max_density: float = 0.4
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.max_tokens) <= MAX_KERNEL_TOKENS:
@@ -161,13 +165,18 @@ def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] > cfg.max_tokens or _needs_grad(self, x):
+        st["calls"]["dense"] += 1
         return st["dense_forward"](x)
     w_gate, b_gate, w_up, b_up = st["gate_up"]()
+    if _kernel_ok(x, w_gate, w_up) and w_gate.is_contiguous() and w_up.is_contiguous():
+        return _fused_gated(self, st, x2, w_gate, b_gate, w_up, b_up).to(x.dtype).reshape(*shape[:-1], -1)
     g = getattr(self, st["act"])(F.linear(x2, w_gate, b_gate))
     idx = _active(g)
     if not _use_sparse(x2.shape[0], idx.numel(), g.shape[1], cfg):
+        st["calls"]["dense"] += 1
         h = g * F.linear(x2, w_up, b_up)
         return getattr(self, st["down"])(h).reshape(*shape[:-1], -1)
+    st["calls"]["sparse"] += 1
     up = gather_dot(w_up, x2, idx)
     if b_up is not None:
         up = up + b_up[idx]
@@ -179,6 +188,47 @@ def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 
+def _fused_gated(self, st, x2, w_gate, b_gate, w_up, b_up) -> torch.Tensor:
+    """The whole decode-step MLP in one compiled call (_kernels.sparse_mlp); dense finish if too many active."""
+    cfg: SparseConfig = st["config"]
+    tokens, d = x2.shape
+    d_ff = w_gate.shape[0]
+    buffers = st.get("buffers")
+    if buffers is None:  # allocated once per module: nothing large is allocated per call
+        buffers = st["buffers"] = (torch.empty(MAX_KERNEL_TOKENS, d_ff), torch.empty(d_ff, dtype=torch.int64),
+                                   torch.empty(MAX_KERNEL_TOKENS * d_ff))
+    g, idx, h = buffers
+    down = getattr(self, st["down"])
+    _, b_down, _ = _linear_parts(down)
+    rows = st["down_rows"].get()
+    xf = x2.to(torch.float32).contiguous()
+    y = torch.empty(tokens, rows.shape[1])
+    biases = [None if b is None else b.detach().to(torch.float32).contiguous() for b in (b_gate, b_up, b_down)]
+    ptr = [0 if b is None else b.data_ptr() for b in biases]
+    gate_ptr = w_gate.data_ptr()
+    by_torch = _GATE_BY_TORCH
+    if by_torch is None:
+        by_torch = w_gate.dtype == torch.float32 and w_gate.numel() >= _TORCH_GATE_MIN
+    if by_torch:
+        if w_gate.dtype == torch.float32:
+            torch.matmul(xf, w_gate.t(), out=g[:tokens])
+            if b_gate is not None:
+                g[:tokens] += biases[0]
+        else:
+            g[:tokens].copy_(F.linear(x2.to(w_gate.dtype), w_gate, b_gate))
+        gate_ptr = 0
+    k = _kernels.sparse_mlp(xf.data_ptr(), gate_ptr, ptr[0], w_up.data_ptr(), ptr[1], rows.data_ptr(),
+                            ptr[2], g.data_ptr(), idx.data_ptr(), h.data_ptr(), y.data_ptr(), d, d_ff, tokens,
+                            int(cfg.max_density * d_ff), st["act_kind"], _WEIGHT_DTYPES[w_gate.dtype],
+                            torch.get_num_threads())
+    if k >= 0:
+        st["calls"]["sparse"] += 1
+        return y
+    st["calls"]["dense"] += 1
+    act = g[:tokens].to(x2.dtype)  # too many active neurons: finish densely from the computed gate
+    return down(act * F.linear(x2, w_up, b_up))
+
+
 def _down_forward(self, h: torch.Tensor) -> torch.Tensor:
     """Forward of a down projection whose input is a post-ReLU hidden (plain MLPs)."""
     st = self._hf_sparse
@@ -186,10 +236,13 @@ def _down_forward(self, h: torch.Tensor) -> torch.Tensor:
     shape = h.shape
     h2 = h.reshape(-1, shape[-1])
     if h2.shape[0] > cfg.max_tokens or _needs_grad(self, h):
+        st["calls"]["dense"] += 1
         return st["dense_forward"](h)
     idx = _active(h2)
     if not _use_sparse(h2.shape[0], idx.numel(), h2.shape[1], cfg):
+        st["calls"]["dense"] += 1
         return st["dense_forward"](h)
+    st["calls"]["sparse"] += 1
     y = gather_axpy(st["down_rows"].get(), h2.index_select(1, idx), idx)
     _, bias, _ = _linear_parts(self)
     if bias is not None:
@@ -253,7 +306,8 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, **kwargs: Any
         if plan["kind"] == "gated":
             target = module
             down_name = plan["names"][-1]
-            state = {"config": cfg, "act": plan["act"], "down": down_name,
+            act_kind = 1 if type(getattr(module, plan["act"])).__name__ == "ReLUSquaredActivation" else 0
+            state = {"config": cfg, "act": plan["act"], "down": down_name, "act_kind": act_kind,
                      "gate_up": _gate_up_getter(module, plan["names"]),
                      "down_rows": _DownRows(getattr(module, down_name))}
             new_forward = _gated_forward
@@ -262,6 +316,7 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, **kwargs: Any
             state = {"config": cfg, "down_rows": _DownRows(target)}
             new_forward = _down_forward
         state["dense_forward"] = target.forward
+        state["calls"] = {"sparse": 0, "dense": 0}
         target._hf_sparse = state
         target.forward = types.MethodType(new_forward, target)
         converted += 1
@@ -285,6 +340,15 @@ def unsparsify(model: nn.Module) -> nn.Module:
             del module.forward
             del module._hf_sparse
     return model
+
+
+def sparse_stats(model: nn.Module) -> dict[str, int]:
+    """How many FFN calls took the sparse path and how many fell back to dense, summed over the model."""
+    total = {"sparse": 0, "dense": 0}
+    for module in model.modules():
+        for key, value in getattr(module, "_hf_sparse", {}).get("calls", {}).items():
+            total[key] += value
+    return total
 
 
 def is_sparsified(model: nn.Module) -> bool:
