@@ -34,13 +34,39 @@ RECIPES = {  # name: (activation the model is built with, schedule factory or No
 }
 
 
+def plot(results: dict, args, path: Path) -> None:
+    """Training-loss curves (the tail, where the recipes differ), with the switch to ReLU marked."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    tail = []
+    for name, r in results.items():
+        steps, losses = zip(*r["curve"])
+        ax.plot(steps, losses, label=f"{name} (held-out {r['held_out_loss']:.3f})", lw=1.2)
+        tail += [v for s, v in r["curve"] if s >= args.steps * 0.3]
+    ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
+    switch = math.ceil((1 - args.relu_fraction) * args.steps)
+    ax.axvline(switch, color="grey", ls="--", lw=1)
+    ax.annotate("switch to ReLU (Swi+FT, StochA+FT)", (switch, max(tail)), fontsize=8, color="grey", ha="right")
+    ax.set_xlim(args.steps * 0.3, args.steps)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token), logged every 10 steps")
+    ax.set_title(f"Small Llama on CPython stdlib, {args.steps} steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--relu-fraction", type=float, default=0.1)
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--out", default="docs/pretraining")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved JSON")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.plot_only:
+        plot(json.loads(out.with_suffix(".json").read_text()), args, out.with_suffix(".png"))
+        return
     cfg = DemoConfig(steps=args.steps, output_dir="runs/pretrain_comparison")
     set_seed(cfg.seed)
     tokenizer, train, held = build_corpus(cfg)
@@ -64,24 +90,10 @@ def main() -> None:
                          "final_activation": model.config.hidden_act, "seconds": time.perf_counter() - t0}
         print(f"{name:<18} held-out loss {loss:.4f} ppl {math.exp(loss):.2f} sparsity {sparsity:.1%} "
               f"({results[name]['seconds']:.0f} s)", flush=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, r in results.items():
-        steps, losses = zip(*r["curve"])
-        ax.plot(steps, losses, label=name)
-    switch = math.ceil((1 - args.relu_fraction) * args.steps)
-    ax.axvline(switch, color="grey", ls="--", lw=1)
-    ax.text(switch, ax.get_ylim()[1], " switch to ReLU", va="top", fontsize=8, color="grey")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
-    ax.set_title(f"Small Llama on CPython stdlib, {args.steps} steps")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    plot(results, args, out.with_suffix(".png"))
 
     lines = [
         "# Pretraining comparison: SiLU, ReLU, Swi+FT, StochA+FT (issue #3, experiment 1)",

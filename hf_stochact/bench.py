@@ -95,13 +95,13 @@ def microbench(cfg: BenchConfig, progress=print) -> list[dict]:
                 dense_ref = [m(x) for m in mlps]
                 for m in mlps:
                     sparsify(m, max_tokens=max(cfg.tokens, 1), max_density=1.0)
-                err = max(float(((m(x) - r).abs().max() / r.abs().max())) for m, r in zip(mlps, dense_ref))
+                err = max(float((m(x) - r).abs().max() / r.abs().max()) for m, r in zip(mlps, dense_ref))
                 # both paths are called as bound forwards: the sparsified instance forward and the original one
                 calls = {"dense": [m._hf_sparse["dense_forward"] for m in mlps], "sparse": [m.forward for m in mlps]}
                 t = {"dense": [], "sparse": []}
                 for _ in range(cfg.rounds):
                     for name, fns in calls.items():
-                        t[name].append(_time(lambda fns=fns: [f(x) for f in fns], 3) / copies)
+                        t[name].append(_time(lambda fns=fns, x=x: [f(x) for f in fns], 3) / copies)
                 dense_ms, sparse_ms = statistics.median(t["dense"]) * 1e3, statistics.median(t["sparse"]) * 1e3
                 row = {"shape": shape, "dtype": dtype_name, "tokens": cfg.tokens, "s": s, "measured_s": measured_s,
                        "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,

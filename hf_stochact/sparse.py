@@ -15,9 +15,10 @@ fused ``gate_up_proj``, gate first) or a down projection alone (plain MLPs: ``fc
 ``dense_4h_to_h``, ...; only the down projection can skip work there, its input being the post-ReLU hidden).
 
 The sparse path runs under ``torch.no_grad()`` / ``torch.inference_mode()`` (as in ``generate``); while autograd
-records, the dense path runs, so training a sparsified model stays correct. ``sparsify`` overrides ``forward`` on the instances it converts (the state dict, ``save_pretrained`` and the
-class are untouched; :func:`unsparsify` restores them). The transposed ``W_down`` copy is refreshed automatically
-if the weights change in place.
+records, the dense path runs, so training a sparsified model stays correct. ``sparsify`` overrides ``forward`` on
+the instances it converts (the state dict, ``save_pretrained`` and the class are untouched; :func:`unsparsify`
+restores them). The transposed ``W_down`` copy (extra memory: one down projection per MLP) is refreshed
+automatically if the weights change in place.
 """
 
 from __future__ import annotations
