@@ -237,6 +237,24 @@ def _silu_excess(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(F.silu(-x.abs()), nan=0.0)
 
 
+def _draw_and_apply(x, p: float, negative_only: bool, granularity: str, generator):
+    """(output, bool mask of SiLU draws): the forward of the SiLU/ReLU draw."""
+    seed = draw_seed(generator)
+    if _fused_ok(x) and granularity == "element":
+        x = x.contiguous()
+        y = F.silu(x)
+        mask = torch.empty(x.shape, dtype=torch.bool)
+        _kernels.draw_blend(x.data_ptr(), y.data_ptr(), mask.data_ptr(), x.numel(), seed,
+                            round(p * _UINT16_LEVELS), negative_only, _DTYPE_CODES[x.dtype],
+                            torch.get_num_threads())
+    else:
+        mask = bernoulli_mask(_mask_shape(x, granularity), p, _seeded(seed, x.device), x.device)
+        if negative_only:
+            mask = mask & (x < 0)
+        y = torch.where(mask, F.silu(x), torch.relu(x))
+    return y, mask
+
+
 class _SiluReluDraw(torch.autograd.Function):
     """y = SiLU(x) where the drawn bool mask m is True, ReLU(x) elsewhere (each branch exactly as torch computes it,
     so NaN stays NaN, +inf stays +inf, and -inf gives SiLU's NaN or ReLU's 0 by the draw).
@@ -248,20 +266,8 @@ class _SiluReluDraw(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p: float, negative_only: bool, granularity: str, generator):
-        seed = draw_seed(generator)
-        if _fused_ok(x) and granularity == "element":
-            x = x.contiguous()
-            y = F.silu(x)
-            mask = torch.empty(x.shape, dtype=torch.bool)
-            _kernels.draw_blend(x.data_ptr(), y.data_ptr(), mask.data_ptr(), x.numel(), seed,
-                                round(p * _UINT16_LEVELS), negative_only, _DTYPE_CODES[x.dtype],
-                                torch.get_num_threads())
-        else:
-            mask = bernoulli_mask(_mask_shape(x, granularity), p, _seeded(seed, x.device), x.device)
-            if negative_only:
-                mask = mask & (x < 0)
-            y = torch.where(mask, F.silu(x), torch.relu(x))
-        ctx.save_for_backward(x, mask)
+        y, mask = _draw_and_apply(x, p, negative_only, granularity, generator)
+        ctx.save_for_backward(x.contiguous() if _fused_ok(x) and granularity == "element" else x, mask)
         return y
 
     @staticmethod
@@ -288,7 +294,9 @@ def silu_relu_draw(x: torch.Tensor, p: float, negative_only: bool = True, granul
 
     ``negative_only=True`` is the paper's StochA (x >= 0 passes as x); False is the blog's sign-independent draw.
     """
-    return _SiluReluDraw.apply(x, p, negative_only, granularity, generator)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SiluReluDraw.apply(x, p, negative_only, granularity, generator)
+    return _draw_and_apply(x, p, negative_only, granularity, generator)[0]  # no graph: skip autograd bookkeeping
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ greedy decoding becomes a controlled source of diversity (Lomeli et al., 2025, s
 
 How: ``import hf_stochact`` wraps ``GenerationMixin.generate`` once. The wrapper removes the two keywords (so
 ``_validate_model_kwargs`` never sees them), falls back to ``generation_config.stochastic_activation`` /
-``stochastic_p``, switches only *this* model's FFN activations (forward hooks on stock modules, the sampling switch
-on stochastic ones) and restores them in a ``finally``. Without the flag the original ``generate`` runs untouched.
-An assistant model (assisted decoding) is left deterministic unless ``stochastic_assistant=True``.
+``stochastic_p``, switches only *this* model's FFN activations (the SiLU/ReLU draw as the forward of SiLU modules,
+a forward hook on other stock modules, the sampling switch on stochastic ones) and restores them in a ``finally``.
+Without the flag the original ``generate`` runs untouched. An assistant model (assisted decoding) is left
+deterministic unless ``stochastic_assistant=True``.
 """
 
 from __future__ import annotations
@@ -52,12 +53,22 @@ def _own_or_relu_hook(p: float):
 
     def hook(module, inputs, output):
         x = inputs[0]
-        if _is_silu(module):
-            return silu_relu_draw(x, p, negative_only=False)
         keep = bernoulli_mask(_mask_shape(x, "element"), p, _seeded(draw_seed(), x.device), x.device)
         return torch.where(keep, output, torch.relu(x))
 
     return hook
+
+
+def _switch_stock(module: nn.Module, p: float):
+    """Make a stock activation module draw between itself and ReLU; returns the undo function.
+
+    SiLU gets the fused SiLU/ReLU draw as its forward for the call (no SiLU computed and thrown away); any other
+    activation keeps its forward and a hook swaps a random 1 - p of its outputs for ReLU(x).
+    """
+    if _is_silu(module):
+        module.forward = functools.partial(silu_relu_draw, p=p, negative_only=False)
+        return functools.partial(delattr, module, "forward")
+    return module.register_forward_hook(_own_or_relu_hook(p)).remove
 
 
 @contextlib.contextmanager
@@ -91,8 +102,7 @@ def stochastic_decoding(model: nn.Module, p: float | None = None) -> Iterator[in
                 if p is not None:
                     module.configure(p=p)
             else:
-                handle = module.register_forward_hook(_own_or_relu_hook(DEFAULT_STOCK_P if p is None else p))
-                restore.append(handle.remove)
+                restore.append(_switch_stock(module, DEFAULT_STOCK_P if p is None else p))
         yield len(found)
     finally:
         for undo in reversed(restore):
