@@ -15,6 +15,8 @@ COMMANDS = {
                "fine-tune a pretrained SiLU model into a sparse ReLU model (e.g. SmolLM2-135M from a GGUF file)"),
     "bench": ("hf_stochact.bench", "BenchConfig",
               "dense vs sparse FFN speed on this CPU: MLP microbenchmarks, or decode tokens/s of --model"),
+    "sparsity": ("hf_stochact.analyze", "SparsityConfig",
+                 "per-layer FFN sparsity of a model on real text: exact zeros, magnitude, CETT, reuse across tokens"),
 }
 
 

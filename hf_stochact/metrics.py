@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .registry import ffn_activations
+from .registry import FFN_ACTIVATION_ATTRS, ffn_activations
 
 
 @dataclass
@@ -95,3 +95,119 @@ def measure_sparsity(model: nn.Module, input_ids: torch.Tensor, batch_size: int 
         for i in range(0, len(input_ids), batch_size):
             model(input_ids=input_ids[i:i + batch_size], **forward_kwargs)
     return monitor.stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ReLU² Wins-style analysis: magnitude sparsity, CETT, reuse of active neurons across consecutive tokens
+
+
+def _down_projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, down projection) of every FFN: the layer that consumes the FFN hidden (found by name, not family)."""
+    from .sparse import PLAIN_DOWN_NAMES
+
+    found = []
+    for path, module in model.named_modules():
+        if not any(module._modules.get(a) is not None for a in FFN_ACTIVATION_ATTRS):
+            continue
+        for name in PLAIN_DOWN_NAMES:
+            child = module._modules.get(name)
+            if child is not None and hasattr(child, "weight"):
+                found.append((f"{path}.{name}" if path else name, child))
+                break
+    return found
+
+
+def _column_norms(down: nn.Module) -> torch.Tensor:
+    """||W_down[:, i]|| for each hidden neuron i (nn.Linear weight [d, d_ff]; GPT-2 Conv1D weight [d_ff, d])."""
+    w = down.weight.detach().float()
+    return w.norm(dim=0) if isinstance(down, nn.Linear) else w.norm(dim=1)
+
+
+def _down_matrix(down: nn.Module) -> torch.Tensor:
+    """W_down as [d_ff, d] float32 (so that FFN output = h @ W)."""
+    w = down.weight.detach().float()
+    return w.t() if isinstance(down, nn.Linear) else w
+
+
+@torch.no_grad()
+def collect_hidden(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """FFN hidden vectors (inputs of every down projection) over ``input_ids`` [N, T]: {path: [N*T, d_ff]}."""
+    downs = _down_projections(model)
+    if not downs:
+        raise ValueError(f"{type(model).__name__}: no FFN down projection found")
+    store: dict[str, list[torch.Tensor]] = {p: [] for p, _ in downs}
+    handles = [m.register_forward_pre_hook(lambda mod, args, p=p: store[p].append(args[0].reshape(
+        -1, args[0].shape[-1]).float())) for p, m in downs]
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(input_ids), batch_size):
+            model(input_ids=input_ids[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {p: torch.cat(v) for p, v in store.items()}
+
+
+def cett(h: torch.Tensor, w_down: torch.Tensor, eps: float) -> float:
+    """Mean over tokens of CETT(eps) = ||sum_{i: |h_i| ||w_i|| < eps} h_i w_i|| / ||sum_i h_i w_i||.
+
+    h: [T, d_ff] hidden vectors; w_down: [d_ff, d] (row i = output direction of neuron i).
+    """
+    norms = w_down.norm(dim=1)
+    tail = (h.abs() * norms) < eps
+    full = h @ w_down
+    dropped = (h * tail) @ w_down
+    return float((dropped.norm(dim=1) / full.norm(dim=1).clamp_min(1e-12)).mean())
+
+
+def cett_threshold(h: torch.Tensor, w_down: torch.Tensor, target: float, iters: int = 40) -> float:
+    """The eps at which :func:`cett` reaches ``target`` (binary search; CETT grows monotonically with eps)."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target CETT must be in (0, 1), got {target}")
+    lo, hi = 0.0, float((h.abs() * w_down.norm(dim=1)).max()) + 1e-6
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cett(h, w_down, mid) < target else (lo, mid)
+    return lo
+
+
+def union_active(active: torch.Tensor, window: int) -> float:
+    """Mean fraction of neurons active in at least one of ``window`` consecutive tokens (active: [T, d_ff] bool)."""
+    t = active.shape[0] // window * window
+    if t == 0:
+        raise ValueError(f"need at least window={window} tokens, got {active.shape[0]}")
+    return float(active[:t].view(-1, window, active.shape[1]).any(1).float().mean())
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, input_ids: torch.Tensor, target_cett: float = 0.2,
+                    thresholds: tuple[float, ...] = (1e-3, 1e-2, 0.05, 0.1),
+                    windows: tuple[int, ...] = (1, 4, 16, 64)) -> dict[str, dict]:
+    """Per FFN layer: exact zeros, |h| below each threshold, the CETT-calibrated threshold and its sparsity, and the
+    union of active neurons (exact non-zeros, and CETT-active) over windows of consecutive tokens.
+
+    ``input_ids``: [N, T] token windows (the union is taken within each window of T tokens).
+    """
+    hidden = collect_hidden(model, input_ids)
+    downs = dict(_down_projections(model))
+    n_seq, seq_len = input_ids.shape
+    report = {}
+    for path, h in hidden.items():
+        w = _down_matrix(downs[path])
+        eps = cett_threshold(h, w, target_cett)
+        cett_active = (h.abs() * w.norm(dim=1)) >= eps
+        nonzero = h != 0
+        per_seq = lambda a: a.view(n_seq, seq_len, -1)  # noqa: E731
+        report[path] = {
+            "exact_zero": float((~nonzero).float().mean()),
+            **{f"abs<{t:g}": float((h.abs() < t).float().mean()) for t in thresholds},
+            "cett_eps": eps,
+            "cett_sparsity": float((~cett_active).float().mean()),
+            **{f"union_nonzero@{n}": sum(union_active(a, n) for a in per_seq(nonzero)) / n_seq for n in windows
+               if n <= seq_len},
+            **{f"union_cett@{n}": sum(union_active(a, n) for a in per_seq(cett_active)) / n_seq for n in windows
+               if n <= seq_len},
+        }
+    return report

@@ -35,3 +35,20 @@ def test_bench_microbenchmark_runs_and_checks_exactness(capsys, tmp_path):
 def test_relufy_requires_a_model():
     with pytest.raises(ValueError, match="--model"):
         main(["relufy"])
+
+
+def test_sparsity_command_on_a_saved_model(tmp_path, capsys):
+    from helpers import tiny_llama
+
+    from hf_stochact.data import train_tokenizer
+
+    tok = train_tokenizer("def f(x):\n    return x + 1\n" * 300, vocab_size=97)
+    model = tiny_llama("relu")
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert main(["sparsity", "--model", str(tmp_path / "m"), "--eval-chars", "4000", "--window", "32",
+                 "--max-windows", "2", "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "exact_zero" in out and "cett_sparsity" in out and "union_nonzero@16" in out
+    assert (tmp_path / "report.png").exists() and (tmp_path / "report.json").exists()

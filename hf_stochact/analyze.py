@@ -1,0 +1,74 @@
+"""`hf-stochact sparsity`: per-layer FFN sparsity of a model on real text (ReLU² Wins-style analysis).
+
+Exact zeros, magnitude-threshold sparsity, the CETT-calibrated threshold per layer (binary search for a shared
+target CETT) and its sparsity, and the union of active neurons over N consecutive tokens; a table and a plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .metrics import sparsity_report
+from .relufy import RelufyConfig, eval_ids, load_model
+
+
+@dataclasses.dataclass
+class SparsityConfig:
+    model: str = ""
+    gguf: str = ""
+    eval_file: str = "argparse.py"
+    eval_chars: int = 50_000
+    window: int = 256
+    max_windows: int = 8
+    target_cett: float = 0.2
+    out: str = ""
+    label: str = ""
+
+
+def run(cfg: SparsityConfig) -> dict:
+    rcfg = RelufyConfig(model=cfg.model, gguf=cfg.gguf, eval_file=cfg.eval_file, eval_chars=cfg.eval_chars,
+                        eval_window=cfg.window)
+    tokenizer, model = load_model(rcfg)
+    ids = eval_ids(tokenizer, rcfg)[: cfg.max_windows]
+    report = sparsity_report(model, ids, target_cett=cfg.target_cett)
+    keys = list(next(iter(report.values())))
+    mean = {k: sum(r[k] for r in report.values()) / len(report) for k in keys}
+    label = cfg.label or Path(cfg.gguf or cfg.model).name
+    print(f"{label}: {len(report)} FFN layers, {ids.numel()} tokens of {cfg.eval_file}, target CETT {cfg.target_cett}")
+    for k in keys:
+        print(f"  {k:<20} mean {mean[k]:.4f}   per layer min {min(r[k] for r in report.values()):.4f} "
+              f"max {max(r[k] for r in report.values()):.4f}")
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"label": label, "config": dataclasses.asdict(cfg),
+                                                        "mean": mean, "layers": report}, indent=1))
+        plot(report, label, cfg.target_cett, out.with_suffix(".png"))
+    return {"mean": mean, "layers": report}
+
+
+def plot(report: dict, label: str, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = range(len(report))
+    rows = list(report.values())
+    fig, ax = plt.subplots(figsize=(8, 4))
+    series = {"exact zeros": "exact_zero", f"CETT={target} sparsity": "cett_sparsity", "|h| < 0.05": "abs<0.05",
+              "active (non-zero) union, 16 tokens": "union_nonzero@16", "CETT-active union, 16 tokens":
+              "union_cett@16"}
+    for name, key in series.items():
+        if key in rows[0]:
+            ax.plot(layers, [r[key] for r in rows], marker=".", label=name)
+    ax.set_xlabel("FFN layer")
+    ax.set_ylabel("fraction of FFN neurons")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"FFN sparsity per layer: {label}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
