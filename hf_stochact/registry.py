@@ -44,7 +44,11 @@ def register_activation(name: str, cls: type[nn.Module]) -> None:
 
 def register() -> None:
     """Register every hf_stochact activation and hook model construction. Called on ``import hf_stochact``."""
+    from .learnable import GumbelStochActivation, LearnableStochActivation
+
     register_activation(NAME, StochasticActivation)
+    register_activation("learnable_stoch", LearnableStochActivation)
+    register_activation("gumbel_stoch", GumbelStochActivation)
     _hook_post_init()
 
 

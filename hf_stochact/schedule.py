@@ -9,7 +9,9 @@ of ``max_steps``, an int is an absolute optimizer step) and says what every FFN 
 Presets (the paper's names), with ``relu_fraction`` = length of the final ReLU phase as a fraction of all steps:
 
 * ``StochActSchedule()`` / ``preset="stocha+ft"``: StochA(p), then ReLU for the last ``relu_fraction``;
-* ``preset="swi+ft"``: SiLU, then ReLU for the last ``relu_fraction``.
+* ``preset="swi+ft"``: SiLU, then ReLU for the last ``relu_fraction``;
+* ``preset="keep+ft"``: the model's own FFN activation (e.g. the learned ``learnable_stoch`` / ``gumbel_stoch``,
+  whose parameters must not be replaced mid-run), then ReLU for the last ``relu_fraction``.
 
 Mechanics:
 
@@ -41,7 +43,8 @@ from .activations import StochasticActivation, StochasticSpec, _check_probabilit
 from .metrics import SparsityMonitor
 from .registry import CONFIG_KEY, NAME, _configs, activation_field, ffn_activations
 
-PRESETS = ("stocha+ft", "swi+ft")
+PRESETS = ("stocha+ft", "swi+ft", "keep+ft")
+KEEP = "keep"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +77,10 @@ class Stage:
                              "(use an int for an absolute step)")
         if isinstance(self.start, int) and self.start < 0:
             raise ValueError(f"Stage.start as a step must be >= 0, got {self.start}")
-        allowed = (NAME, *_known_activations())
+        allowed = (NAME, KEEP, *_known_activations())
         if self.activation not in allowed:
-            raise ValueError(f"Stage.activation must be 'stochastic' or an ACT2FN name, got {self.activation!r}; "
-                             f"allowed: {', '.join(allowed)}")
+            raise ValueError(f"Stage.activation must be 'stochastic', 'keep' or an ACT2FN name, got "
+                             f"{self.activation!r}; allowed: {', '.join(allowed)}")
         if self.activation == NAME:
             self.spec(self.p if self.p is not None else 0.5)  # validates p, choices, variant, ...
         elif self.p is not None or self.choices is not None or self.ramp:
@@ -103,7 +106,7 @@ class StochActSchedule(TrainerCallback):
 
     Args:
         stages: explicit list of :class:`Stage` (or dicts of its fields). If omitted, ``preset`` builds it.
-        preset: ``"stocha+ft"`` (default) or ``"swi+ft"``.
+        preset: ``"stocha+ft"`` (default), ``"swi+ft"`` or ``"keep+ft"``.
         p: P(SiLU) of the StochA phase of ``"stocha+ft"`` (default 0.5).
         relu_fraction: fraction of total steps, in [0, 1], run with ReLU at the end of a preset (default 0.1).
         final_activation: plain activation installed by ``on_train_end`` (default ``"relu"``); None keeps the
@@ -129,7 +132,9 @@ class StochActSchedule(TrainerCallback):
         if stages is None:
             if preset not in PRESETS:
                 raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-            first = Stage(0.0, NAME, p=_check_probability("p", p)) if preset == "stocha+ft" else Stage(0.0, "silu")
+            p = _check_probability("p", p)
+            first = {"stocha+ft": Stage(0.0, NAME, p=p), "swi+ft": Stage(0.0, "silu"),
+                     "keep+ft": Stage(0.0, KEEP)}[preset]
             if relu_fraction == 1.0:
                 stages = [Stage(0.0, "relu")]
             else:
@@ -143,6 +148,9 @@ class StochActSchedule(TrainerCallback):
                 b.end_p  # noqa: B018 - raises if the ramp has nowhere to go
         if stages[-1].ramp:
             raise ValueError("the last stage cannot ramp: there is no next stage to ramp to")
+        if any(s.activation == KEEP for s in stages[1:]):
+            raise ValueError("a 'keep' stage (train the model's own FFN activation, e.g. learnable_stoch or "
+                             "gumbel_stoch) can only be the first stage: once swapped, the original is gone")
         if final_activation is not None and final_activation not in _known_activations():
             raise ValueError(f"final_activation must be a plain ACT2FN name such as 'relu', or None to keep the last "
                              f"stage, got {final_activation!r}")
@@ -191,8 +199,8 @@ class StochActSchedule(TrainerCallback):
     def apply(self, model: nn.Module, index: int, p: float | None) -> None:
         """Make every FFN activation of ``model`` what stage ``index`` says (with ``p`` for a stochastic stage)."""
         stage = self.stages[index]
-        spec = stage.spec(p) if stage.activation == NAME else None
-        set_activation(model, stage.activation, spec)
+        if stage.activation != KEEP:
+            set_activation(model, stage.activation, stage.spec(p) if stage.activation == NAME else None)
         if self._monitor is not None:
             self._monitor.detach()
             self._monitor.attach()
