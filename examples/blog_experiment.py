@@ -179,7 +179,7 @@ def write_table(results: dict, args, path: Path) -> None:
              "|---|---|---|---|---|---|---|---|"]
     for key, runs in results.items():
         b, name = key.split("/", 1)
-        f = lambda k, i: mean_std([r[k][i] for r in runs])  # noqa: E731
+        f = lambda k, i, runs=runs: mean_std([r[k][i] for r in runs])  # noqa: E731
         best = mean_std([min(r["val_loss"]) for r in runs])
         gate = (f"{f('gate', 0)[0]:.2f} -> {f('gate', -1)[0]:.2f}" if runs[0]["gate"][0] is not None else "")
         lines.append(f"| {b} | {name} | {f('val_loss', -1)[0]:.4f} ± {f('val_loss', -1)[1]:.4f} | {best[0]:.4f} | "
