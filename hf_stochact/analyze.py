@@ -50,7 +50,10 @@ def run(cfg: SparsityConfig) -> dict:
 
 
 def plot(report: dict, label: str, target: float, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("the sparsity plot needs matplotlib: pip install 'hf_stochact[examples]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
