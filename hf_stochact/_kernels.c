@@ -160,107 +160,6 @@ static PyObject *py_blend_grad(PyObject *self, PyObject *args) {
  */
 #define MAX_T 16
 
-MULTIVERSION static void gather_dot_f32(const float *W, const float *x, const int64_t *idx, float *out,
-                                        Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
-    for (Py_ssize_t j = 0; j < k; ++j) {
-        const float *row = W + idx[j] * d;
-        for (Py_ssize_t t = 0; t < T; ++t) {
-            const float *xt = x + t * d;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (Py_ssize_t c = 0; c < d; ++c) acc += row[c] * xt[c];
-            out[t * k + j] = acc;
-        }
-    }
-}
-
-MULTIVERSION static void gather_dot_bf16(const uint16_t *W, const float *x, const int64_t *idx, float *out,
-                                         Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
-    for (Py_ssize_t j = 0; j < k; ++j) {
-        const uint16_t *row = W + idx[j] * d;
-        for (Py_ssize_t t = 0; t < T; ++t) {
-            const float *xt = x + t * d;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (Py_ssize_t c = 0; c < d; ++c) acc += bf16_to_f32(row[c]) * xt[c];
-            out[t * k + j] = acc;
-        }
-    }
-}
-
-/* Columns are split across threads (each thread owns y[:, c0:c1]), so no reduction between threads is needed. */
-#define COL_BLOCK 256
-
-MULTIVERSION static void gather_axpy_f32(const float *WT, const float *h, const int64_t *idx, float *y,
-                                         Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
-    for (Py_ssize_t c0 = 0; c0 < d; c0 += COL_BLOCK) {
-        Py_ssize_t c1 = c0 + COL_BLOCK < d ? c0 + COL_BLOCK : d;
-        float acc[MAX_T][COL_BLOCK];
-        for (Py_ssize_t t = 0; t < T; ++t)
-            for (Py_ssize_t c = 0; c < c1 - c0; ++c) acc[t][c] = 0.0f;
-        for (Py_ssize_t j = 0; j < k; ++j) {
-            const float *row = WT + idx[j] * d + c0;
-            for (Py_ssize_t t = 0; t < T; ++t) {
-                float hj = h[t * k + j];
-#pragma omp simd
-                for (Py_ssize_t c = 0; c < c1 - c0; ++c) acc[t][c] += hj * row[c];
-            }
-        }
-        for (Py_ssize_t t = 0; t < T; ++t)
-            for (Py_ssize_t c = 0; c < c1 - c0; ++c) y[t * d + c0 + c] = acc[t][c];
-    }
-}
-
-MULTIVERSION static void gather_axpy_bf16(const uint16_t *WT, const float *h, const int64_t *idx, float *y,
-                                          Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
-    for (Py_ssize_t c0 = 0; c0 < d; c0 += COL_BLOCK) {
-        Py_ssize_t c1 = c0 + COL_BLOCK < d ? c0 + COL_BLOCK : d;
-        float acc[MAX_T][COL_BLOCK];
-        for (Py_ssize_t t = 0; t < T; ++t)
-            for (Py_ssize_t c = 0; c < c1 - c0; ++c) acc[t][c] = 0.0f;
-        for (Py_ssize_t j = 0; j < k; ++j) {
-            const uint16_t *row = WT + idx[j] * d + c0;
-            for (Py_ssize_t t = 0; t < T; ++t) {
-                float hj = h[t * k + j];
-#pragma omp simd
-                for (Py_ssize_t c = 0; c < c1 - c0; ++c) acc[t][c] += hj * bf16_to_f32(row[c]);
-            }
-        }
-        for (Py_ssize_t t = 0; t < T; ++t)
-            for (Py_ssize_t c = 0; c < c1 - c0; ++c) y[t * d + c0 + c] = acc[t][c];
-    }
-}
-
-static PyObject *py_gather(PyObject *self, PyObject *args, int axpy) {
-    unsigned long long w, a, idx, out;
-    Py_ssize_t d, k, T;
-    int dtype, nthreads;
-    if (!PyArg_ParseTuple(args, "KKKKnnnii", &w, &a, &idx, &out, &d, &k, &T, &dtype, &nthreads)) return NULL;
-    if (T < 1 || T > MAX_T) {
-        PyErr_Format(PyExc_ValueError, "T (tokens) must be in [1, %d], got %zd", MAX_T, T);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    if (axpy && dtype == 0)
-        gather_axpy_f32((const float *)w, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T, nthreads);
-    else if (axpy)
-        gather_axpy_bf16((const uint16_t *)w, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T,
-                         nthreads);
-    else if (dtype == 0)
-        gather_dot_f32((const float *)w, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T, nthreads);
-    else
-        gather_dot_bf16((const uint16_t *)w, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T,
-                        nthreads);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_gather_dot(PyObject *self, PyObject *args) { return py_gather(self, args, 0); }
-static PyObject *py_gather_axpy(PyObject *self, PyObject *args) { return py_gather(self, args, 1); }
 
 /* ---------------------------------------------------------------------------------------------------------------
  * The whole sparse gated MLP of a decode step in one call (Python dispatch per torch op costs more than the
@@ -300,6 +199,59 @@ MULTIVERSION static void rows_dot(const void *W, int dtype, const float *x, cons
     }
 }
 
+/* y[t, :] = sum_j h[t, j] * WT[idx[j], :]. Columns are split across threads (each thread owns y[:, c0:c1]), so
+ * no reduction between threads is needed. */
+#define COL_BLOCK 256
+
+MULTIVERSION static void rows_axpy(const void *WT, int dtype, const float *h, const int64_t *idx, float *y,
+                                   Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
+    for (Py_ssize_t c0 = 0; c0 < d; c0 += COL_BLOCK) {
+        Py_ssize_t width = c0 + COL_BLOCK < d ? COL_BLOCK : d - c0;
+        float acc[MAX_T][COL_BLOCK];
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t c = 0; c < width; ++c) acc[t][c] = 0.0f;
+        for (Py_ssize_t j = 0; j < k; ++j) {
+            for (Py_ssize_t t = 0; t < T; ++t) {
+                float hj = h[t * k + j];
+                if (dtype == 0) {
+                    const float *row = (const float *)WT + idx[j] * d + c0;
+#pragma omp simd
+                    for (Py_ssize_t c = 0; c < width; ++c) acc[t][c] += hj * row[c];
+                } else {
+                    const uint16_t *row = (const uint16_t *)WT + idx[j] * d + c0;
+#pragma omp simd
+                    for (Py_ssize_t c = 0; c < width; ++c) acc[t][c] += hj * bf16_to_f32(row[c]);
+                }
+            }
+        }
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t c = 0; c < width; ++c) y[t * d + c0 + c] = acc[t][c];
+    }
+}
+
+static PyObject *py_gather(PyObject *self, PyObject *args, int axpy) {
+    unsigned long long w, a, idx, out;
+    Py_ssize_t d, k, T;
+    int dtype, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKnnnii", &w, &a, &idx, &out, &d, &k, &T, &dtype, &nthreads)) return NULL;
+    if (T < 1 || T > MAX_T) {
+        PyErr_Format(PyExc_ValueError, "T (tokens) must be in [1, %d], got %zd", MAX_T, T);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (axpy)
+        rows_axpy((const void *)w, dtype, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T, nthreads);
+    else
+        rows_dot((const void *)w, dtype, (const float *)a, (const int64_t *)idx, k, d, T, NULL, (float *)out, k,
+                 nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_gather_dot(PyObject *self, PyObject *args) { return py_gather(self, args, 0); }
+static PyObject *py_gather_axpy(PyObject *self, PyObject *args) { return py_gather(self, args, 1); }
+
 static PyObject *py_sparse_mlp(PyObject *self, PyObject *args) {
     unsigned long long x, wg, bg, wu, bu, wdt, bd, g, idx, h, y;
     Py_ssize_t d, dff, T, max_active;
@@ -336,10 +288,7 @@ static PyObject *py_sparse_mlp(PyObject *self, PyObject *args) {
         for (Py_ssize_t t = 0; t < T; ++t)
             for (Py_ssize_t j = 0; j < k; ++j) hf[t * k + j] *= gf[t * dff + ix[j]];
         /* 4. down: y = h @ WdT[idx] + bd */
-        if (dtype == 0)
-            gather_axpy_f32((const float *)wdt, hf, ix, yf, d, k, T, nthreads);
-        else
-            gather_axpy_bf16((const uint16_t *)wdt, hf, ix, yf, d, k, T, nthreads);
+        rows_axpy((const void *)wdt, dtype, hf, ix, yf, d, k, T, nthreads);
         if (bd)
             for (Py_ssize_t t = 0; t < T; ++t)
                 for (Py_ssize_t c = 0; c < d; ++c) yf[t * d + c] += ((const float *)bd)[c];
