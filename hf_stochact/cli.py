@@ -17,6 +17,8 @@ COMMANDS = {
               "dense vs sparse FFN speed on this CPU: MLP microbenchmarks, or decode tokens/s of --model"),
     "sparsity": ("hf_stochact.analyze", "SparsityConfig",
                  "per-layer FFN sparsity of a model on real text: exact zeros, magnitude, CETT, reuse across tokens"),
+    "generate": ("hf_stochact.generate_cli", "GenerateConfig",
+                 "print k completions of a prompt with stochastic activations (diverse even when greedy)"),
 }
 
 

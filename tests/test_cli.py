@@ -37,16 +37,30 @@ def test_relufy_requires_a_model():
         main(["relufy"])
 
 
-def test_sparsity_command_on_a_saved_model(tmp_path, capsys):
+def save_tiny(path, act="relu"):
     from helpers import tiny_llama
 
     from hf_stochact.data import train_tokenizer
 
     tok = train_tokenizer("def f(x):\n    return x + 1\n" * 300, vocab_size=97)
-    model = tiny_llama("relu")
+    model = tiny_llama(act)
     model.resize_token_embeddings(len(tok))
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_generate_command_prints_k_completions(tmp_path, capsys):
+    save_tiny(tmp_path / "m", act="silu")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "def f(x):", "--k", "3", "--p", "0.5",
+                 "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- [") == 3 and "distinct of 3" in out
+    with pytest.raises(ValueError, match="k must be"):
+        main(["generate", "--model", str(tmp_path / "m"), "--k", "0"])
+
+
+def test_sparsity_command_on_a_saved_model(tmp_path, capsys):
+    save_tiny(tmp_path / "m")
     assert main(["sparsity", "--model", str(tmp_path / "m"), "--eval-chars", "4000", "--window", "32",
                  "--max-windows", "2", "--out", str(tmp_path / "report")]) == 0
     out = capsys.readouterr().out
