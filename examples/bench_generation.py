@@ -15,12 +15,12 @@ import torch
 import transformers as tf
 
 import hf_stochact  # noqa: F401  (wraps generate)
+from hf_stochact.loading import load_causal_lm
 
 
 def load(args):
     if args.model:
-        kw = {"gguf_file": args.gguf} if args.gguf else {}
-        return tf.AutoModelForCausalLM.from_pretrained(args.model, **kw).eval(), args.model
+        return load_causal_lm(args.model, args.gguf)[1].eval(), args.model
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)

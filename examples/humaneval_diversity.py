@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-import transformers as tf
 
 import hf_stochact  # noqa: F401  (adds stochastic_activation to generate)
+from hf_stochact.loading import load_causal_lm
 
 INSTRUCTION = "Complete the following Python function. Reply with the full function in a ```python code block.\n\n"
 
@@ -107,9 +107,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/humaneval")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    kw = {"gguf_file": args.gguf} if args.gguf else {}
-    tok = tf.AutoTokenizer.from_pretrained(args.model, **kw)
-    model = tf.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kw).eval()
+    tok, model = load_causal_lm(args.model, args.gguf)
+    model.eval()
     problems = [json.loads(line) for line in gzip.open(args.data, "rt")][: args.problems]
     results = {}
     t0 = time.perf_counter()

@@ -238,7 +238,7 @@ def _silu_excess(x: torch.Tensor) -> torch.Tensor:
 
 
 def _draw_and_apply(x, p: float, negative_only: bool, granularity: str, generator):
-    """(output, bool mask of SiLU draws): the forward of the SiLU/ReLU draw."""
+    """(output, bool mask of SiLU draws, the input as used: contiguous on the compiled path)."""
     seed = draw_seed(generator)
     if _fused_ok(x) and granularity == "element":
         x = x.contiguous()
@@ -252,7 +252,7 @@ def _draw_and_apply(x, p: float, negative_only: bool, granularity: str, generato
         if negative_only:
             mask = mask & (x < 0)
         y = torch.where(mask, F.silu(x), torch.relu(x))
-    return y, mask
+    return y, mask, x
 
 
 class _SiluReluDraw(torch.autograd.Function):
@@ -266,8 +266,8 @@ class _SiluReluDraw(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p: float, negative_only: bool, granularity: str, generator):
-        y, mask = _draw_and_apply(x, p, negative_only, granularity, generator)
-        ctx.save_for_backward(x.contiguous() if _fused_ok(x) and granularity == "element" else x, mask)
+        y, mask, x = _draw_and_apply(x, p, negative_only, granularity, generator)
+        ctx.save_for_backward(x, mask)
         return y
 
     @staticmethod

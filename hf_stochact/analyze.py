@@ -10,8 +10,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .loading import load_causal_lm
 from .metrics import sparsity_report
-from .relufy import RelufyConfig, eval_ids, load_model
+from .relufy import RelufyConfig, eval_ids
 
 
 @dataclasses.dataclass
@@ -30,7 +31,7 @@ class SparsityConfig:
 def run(cfg: SparsityConfig) -> dict:
     rcfg = RelufyConfig(model=cfg.model, gguf=cfg.gguf, eval_file=cfg.eval_file, eval_chars=cfg.eval_chars,
                         eval_window=cfg.window)
-    tokenizer, model = load_model(rcfg)
+    tokenizer, model = load_causal_lm(cfg.model, cfg.gguf, command="sparsity")
     ids = eval_ids(tokenizer, rcfg)[: cfg.max_windows]
     report = sparsity_report(model, ids, target_cett=cfg.target_cett)
     keys = list(next(iter(report.values())))

@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from .loading import load_causal_lm
 from .sparse import sparsify, unsparsify
 
 
@@ -116,12 +117,10 @@ def microbench(cfg: BenchConfig, progress=print) -> list[dict]:
 @torch.inference_mode()
 def model_bench(cfg: BenchConfig, progress=print) -> dict:
     """Greedy decode tokens/s of a saved model, dense vs sparsified, alternated."""
-    import transformers as tf
 
     torch.set_num_threads(cfg.threads)
-    kw = {"gguf_file": cfg.gguf} if cfg.gguf else {}
-    model = tf.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, **kw).eval()
-    tok = tf.AutoTokenizer.from_pretrained(cfg.model, **kw)
+    tok, model = load_causal_lm(cfg.model, cfg.gguf, command="bench --model")
+    model.eval()
     ids = tok("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", return_tensors="pt").input_ids
     gen = dict(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False,
                pad_token_id=tok.pad_token_id or tok.eos_token_id)

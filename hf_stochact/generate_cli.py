@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from . import generation  # noqa: F401  (generate accepts stochastic_activation once hf_stochact is imported)
+from .loading import load_causal_lm
 
 
 @dataclasses.dataclass
@@ -23,15 +24,10 @@ class GenerateConfig:
 
 
 def run(cfg: GenerateConfig) -> list[str]:
-    import transformers as tf
-
-    if not cfg.model:
-        raise ValueError("generate needs --model (a model folder; with --gguf, the folder holding the GGUF file)")
     if cfg.k < 1:
         raise ValueError(f"k must be >= 1, got {cfg.k}")
-    kw = {"gguf_file": cfg.gguf} if cfg.gguf else {}
-    tok = tf.AutoTokenizer.from_pretrained(cfg.model, **kw)
-    model = tf.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, **kw).eval()
+    tok, model = load_causal_lm(cfg.model, cfg.gguf, command="generate")
+    model.eval()
     if cfg.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
                                       return_tensors="pt")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import data
+from .loading import load_causal_lm
 from .metrics import SparsityMonitor
 from .registry import ffn_activations
 from .schedule import Stage, StochActSchedule
@@ -51,21 +52,8 @@ class RelufyConfig:
 
 
 def load_model(cfg: RelufyConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not cfg.model:
-        raise ValueError("relufy needs --model (a model folder; with --gguf, the folder holding the GGUF file)")
-    kwargs = {"gguf_file": cfg.gguf} if cfg.gguf else {}
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, **kwargs)
-    if cfg.gguf:
-        # GGUF weights are dequantized to plain float tensors on load, but the model keeps the GGUF quantizer
-        # marker, which makes Trainer refuse to fine-tune it; the weights are ordinary nn.Linear parameters.
-        assert all(p.dtype == torch.float32 for p in model.parameters()), "expected dequantized float32 weights"
-        model.is_quantized = False
-        model.hf_quantizer = None
-        model.config.quantization_config = None
-    return tokenizer, model
+    """(tokenizer, float32 model) named by ``cfg.model`` / ``cfg.gguf``."""
+    return load_causal_lm(cfg.model, cfg.gguf, command="relufy")
 
 
 def eval_ids(tokenizer, cfg: RelufyConfig) -> torch.Tensor:
