@@ -174,59 +174,122 @@ static PyObject *py_blend_grad(PyObject *self, PyObject *args) {
  * x, biases, g_out, h, y: float32. Weights: float32 (dtype 0) or bfloat16 (dtype 1), rows contiguous.
  * Bias pointers may be 0. Returns k.
  */
+/* Rows are processed R at a time: R independent memory streams per thread (one row at a time leaves the memory
+ * system idle at the start of every gathered row and every 4 KiB page), R x 16 accumulators (no FMA latency
+ * chain), and x or y[slice] loaded once per R rows. Groups with fewer than R rows repeat their first row with a
+ * zero weight. While a group is processed, the same offsets of the next group's rows are prefetched (the hardware
+ * prefetcher cannot guess the next gathered row, and stops at every page boundary). */
+#define R 4
+#define W16 16
+
+#define LOAD_F32(p, i) ((p)[i])
+#define LOAD_BF16(p, i) bf16_to_f32((p)[i])
+
+/* out[r] = row_r . x for the R rows of a group; nxt: the next group's rows (prefetched) or NULL */
+#define DEFINE_DOTR(NAME, TYPE, LOAD, LINE)                                                                       \
+    static inline void NAME(const TYPE *const *rows, const TYPE *const *nxt, const float *x, Py_ssize_t d,     \
+                            float *out) {                                                                      \
+        float acc[R][W16];                                                                                     \
+        for (int r = 0; r < R; ++r)                                                                            \
+            for (int l = 0; l < W16; ++l) acc[r][l] = 0.0f;                                                    \
+        Py_ssize_t c0 = 0;                                                                                     \
+        for (; c0 + W16 <= d; c0 += W16) {                                                                     \
+            if (nxt && c0 % LINE == 0)                                                                         \
+                for (int r = 0; r < R; ++r) __builtin_prefetch(nxt[r] + c0, 0, 3);                           \
+            for (int r = 0; r < R; ++r) {                                                                      \
+                const TYPE *row = rows[r] + c0;                                                                \
+                _Pragma("omp simd") for (int l = 0; l < W16; ++l) acc[r][l] += LOAD(row, l) * x[c0 + l];       \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int r = 0; r < R; ++r) {                                                                          \
+            float s = 0.0f;                                                                                    \
+            for (Py_ssize_t c = c0; c < d; ++c) s += LOAD(rows[r], c) * x[c];                                  \
+            for (int l = 0; l < W16; ++l) s += acc[r][l];                                                      \
+            out[r] = s;                                                                                        \
+        }                                                                                                      \
+    }
+DEFINE_DOTR(dotr_f32, float, LOAD_F32, 16)
+DEFINE_DOTR(dotr_bf16, uint16_t, LOAD_BF16, 32)
+
+/* the rows of group g (rows g*R .. g*R+R-1 of the list, the first one repeated past n) */
+static inline void group_rows(const char *W, Py_ssize_t row_bytes, const int64_t *idx, Py_ssize_t n, Py_ssize_t g,
+                              const char **rows) {
+    for (int r = 0; r < R; ++r) {
+        Py_ssize_t j = g * R + r < n ? g * R + r : g * R;
+        rows[r] = W + (idx ? idx[j] : j) * row_bytes;
+    }
+}
+
 MULTIVERSION static void rows_dot(const void *W, int dtype, const float *x, const int64_t *idx, Py_ssize_t n,
                                   Py_ssize_t d, Py_ssize_t T, const float *bias, float *out, Py_ssize_t out_stride,
                                   int nthreads) {
+    Py_ssize_t groups = (n + R - 1) / R, row_bytes = d * (dtype == 0 ? 4 : 2);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (n * d > PARALLEL_MIN)
-    for (Py_ssize_t j = 0; j < n; ++j) {
-        Py_ssize_t r = idx ? idx[j] : j;
-
-        float b = bias ? bias[r] : 0.0f;
+    for (Py_ssize_t g = 0; g < groups; ++g) {
+        const char *rows[R], *nxt[R];
+        group_rows((const char *)W, row_bytes, idx, n, g, rows);
+        /* contiguous rows stream by themselves: only gathered rows get a software prefetch */
+        int pf = idx && g + 1 < groups;
+        if (pf) group_rows((const char *)W, row_bytes, idx, n, g + 1, nxt);
         for (Py_ssize_t t = 0; t < T; ++t) {
-            const float *xt = x + t * d;
-            float acc = 0.0f;
-            if (dtype == 0) {
-                const float *row = (const float *)W + r * d;
-#pragma omp simd reduction(+ : acc)
-                for (Py_ssize_t c = 0; c < d; ++c) acc += row[c] * xt[c];
-            } else {
-                const uint16_t *row = (const uint16_t *)W + r * d;
-#pragma omp simd reduction(+ : acc)
-                for (Py_ssize_t c = 0; c < d; ++c) acc += bf16_to_f32(row[c]) * xt[c];
+            float acc[R];
+            if (dtype == 0)
+                dotr_f32((const float *const *)rows, pf && t == 0 ? (const float *const *)nxt : NULL, x + t * d, d,
+                         acc);
+            else
+                dotr_bf16((const uint16_t *const *)rows, pf && t == 0 ? (const uint16_t *const *)nxt : NULL,
+                          x + t * d, d, acc);
+            for (int r = 0; r < R && g * R + r < n; ++r) {
+                Py_ssize_t j = g * R + r;
+                out[t * out_stride + j] = acc[r] + (bias ? bias[idx ? idx[j] : j] : 0.0f);
             }
-            out[t * out_stride + j] = acc + b;
         }
     }
 }
 
-/* y[t, :] = sum_j h[t, j] * WT[idx[j], :]. Columns are split across threads (each thread owns y[:, c0:c1]), so
- * no reduction between threads is needed. */
-#define COL_BLOCK 256
+/* y[t, :] = sum_j h[t, j] * WT[idx[j], :] (+ bias). Columns are split across threads, one contiguous slice each
+ * (a multiple of 16 floats), so every gathered row is read as one long run per thread and no reduction between
+ * threads is needed; y[:, slice] stays in L1/L2 while the rows stream through, R rows per pass. */
+#define DEFINE_AXPYR(NAME, TYPE, LOAD, LINE)                                                                      \
+    static inline void NAME(const TYPE *WT, const float *h, const int64_t *idx, float *y, Py_ssize_t d,        \
+                            Py_ssize_t k, Py_ssize_t T, Py_ssize_t c0, Py_ssize_t c1) {                        \
+        Py_ssize_t groups = (k + R - 1) / R;                                                                   \
+        for (Py_ssize_t g = 0; g < groups; ++g) {                                                              \
+            const TYPE *rows[R], *nxt[R];                                                                      \
+            group_rows((const char *)WT, d * sizeof(TYPE), idx, k, g, (const char **)rows);                    \
+            int pf = g + 1 < groups;                                                            \
+            if (pf) group_rows((const char *)WT, d * sizeof(TYPE), idx, k, g + 1, (const char **)nxt);         \
+            for (Py_ssize_t t = 0; t < T; ++t) {                                                               \
+                float hr[R];                                                                                   \
+                for (int r = 0; r < R; ++r) hr[r] = g * R + r < k ? h[t * k + g * R + r] : 0.0f;                \
+                float *yt = y + t * d;                                                                         \
+                const TYPE *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];                         \
+                for (Py_ssize_t a = c0; a < c1; a += W16) {                                                    \
+                    Py_ssize_t b = a + W16 < c1 ? a + W16 : c1;                                                \
+                    if (pf && t == 0 && a % LINE == 0)                                                         \
+                        for (int r = 0; r < R; ++r) __builtin_prefetch(nxt[r] + a, 0, 3);                     \
+                    _Pragma("omp simd") for (Py_ssize_t c = a; c < b; ++c) yt[c] +=                            \
+                        hr[0] * LOAD(r0, c) + hr[1] * LOAD(r1, c) + hr[2] * LOAD(r2, c) + hr[3] * LOAD(r3, c); \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+DEFINE_AXPYR(axpyr_f32, float, LOAD_F32, 16)
+DEFINE_AXPYR(axpyr_bf16, uint16_t, LOAD_BF16, 32)
 
 MULTIVERSION static void rows_axpy(const void *WT, int dtype, const float *h, const int64_t *idx, float *y,
-                                   Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (k * d > PARALLEL_MIN)
-    for (Py_ssize_t c0 = 0; c0 < d; c0 += COL_BLOCK) {
-        Py_ssize_t width = c0 + COL_BLOCK < d ? COL_BLOCK : d - c0;
-        float acc[MAX_T][COL_BLOCK];
+                                   const float *bias, Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
+    int parts = k * d > PARALLEL_MIN ? nthreads : 1;
+    Py_ssize_t slice = ((d + parts - 1) / parts + W16 - 1) / W16 * W16;
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int p = 0; p < parts; ++p) {
+        Py_ssize_t c0 = p * slice, c1 = c0 + slice < d ? c0 + slice : d;
         for (Py_ssize_t t = 0; t < T; ++t)
-            for (Py_ssize_t c = 0; c < width; ++c) acc[t][c] = 0.0f;
-        for (Py_ssize_t j = 0; j < k; ++j) {
-            for (Py_ssize_t t = 0; t < T; ++t) {
-                float hj = h[t * k + j];
-                if (dtype == 0) {
-                    const float *row = (const float *)WT + idx[j] * d + c0;
-#pragma omp simd
-                    for (Py_ssize_t c = 0; c < width; ++c) acc[t][c] += hj * row[c];
-                } else {
-                    const uint16_t *row = (const uint16_t *)WT + idx[j] * d + c0;
-#pragma omp simd
-                    for (Py_ssize_t c = 0; c < width; ++c) acc[t][c] += hj * bf16_to_f32(row[c]);
-                }
-            }
-        }
-        for (Py_ssize_t t = 0; t < T; ++t)
-            for (Py_ssize_t c = 0; c < width; ++c) y[t * d + c0 + c] = acc[t][c];
+            for (Py_ssize_t c = c0; c < c1; ++c) y[t * d + c] = bias ? bias[c] : 0.0f;
+        if (dtype == 0)
+            axpyr_f32((const float *)WT, h, idx, y, d, k, T, c0, c1);
+        else
+            axpyr_bf16((const uint16_t *)WT, h, idx, y, d, k, T, c0, c1);
     }
 }
 
@@ -241,7 +304,8 @@ static PyObject *py_gather(PyObject *self, PyObject *args, int axpy) {
     }
     Py_BEGIN_ALLOW_THREADS
     if (axpy)
-        rows_axpy((const void *)w, dtype, (const float *)a, (const int64_t *)idx, (float *)out, d, k, T, nthreads);
+        rows_axpy((const void *)w, dtype, (const float *)a, (const int64_t *)idx, (float *)out, NULL, d, k, T,
+                  nthreads);
     else
         rows_dot((const void *)w, dtype, (const float *)a, (const int64_t *)idx, k, d, T, NULL, (float *)out, k,
                  nthreads);
@@ -288,10 +352,7 @@ static PyObject *py_sparse_mlp(PyObject *self, PyObject *args) {
         for (Py_ssize_t t = 0; t < T; ++t)
             for (Py_ssize_t j = 0; j < k; ++j) hf[t * k + j] *= gf[t * dff + ix[j]];
         /* 4. down: y = h @ WdT[idx] + bd */
-        rows_axpy((const void *)wdt, dtype, hf, ix, yf, d, k, T, nthreads);
-        if (bd)
-            for (Py_ssize_t t = 0; t < T; ++t)
-                for (Py_ssize_t c = 0; c < d; ++c) yf[t * d + c] += ((const float *)bd)[c];
+        rows_axpy((const void *)wdt, dtype, hf, ix, yf, (const float *)bd, d, k, T, nthreads);
     }
     Py_END_ALLOW_THREADS
     return PyLong_FromSsize_t(k <= max_active ? k : -1);
