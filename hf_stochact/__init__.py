@@ -21,6 +21,7 @@ from .registry import (
     stochastic_modules,
 )
 from .schedule import Stage, StochActSchedule, set_activation
+from .shift import GateShift, GateShiftSchedule, calibrate_shift
 from .sparse import SparseConfig, is_sparsified, sparse_stats, sparsify, unsparsify
 
 __version__ = "0.1.0"
@@ -31,6 +32,8 @@ _install_generation()
 __all__ = [
     "ACTIVATION_FIELDS",
     "CONFIG_KEY",
+    "GateShift",
+    "GateShiftSchedule",
     "StochasticActivation",
     "SparseConfig",
     "SparsityMonitor",
@@ -38,6 +41,7 @@ __all__ = [
     "StochActSchedule",
     "StochasticSpec",
     "activation_field",
+    "calibrate_shift",
     "configure",
     "ffn_activations",
     "get_spec",

@@ -10,7 +10,10 @@ Recipe (a run of ``Trainer`` + :class:`~hf_stochact.StochActSchedule` on CPython
    distillation from the original SiLU model (``teacher``/``teacher_gguf``, weight ``distill``: the loss is
    ``(1 - distill) * CE + distill * KL(teacher || student)`` over all positions) — the teacher's full next-token
    distribution carries more signal per token than the one-hot labels, which matters on a small CPU budget;
-   ``model`` may also be an already relufied folder, to continue training it;
+   ``model`` may also be an already relufied folder, to continue training it; optional ``target_sparsity``:
+   per-neuron gate shifts (:class:`~hf_stochact.shift.GateShiftSchedule`) raise the FFN zero fraction from plain
+   ReLU's to the target over the first ``shift_ramp`` of the steps while the model adapts, then are folded
+   into the gate bias (``mlp_bias=True``);
 4. perplexity and per-layer FFN sparsity after, with ReLU; save the model (plain ``"relu"``, loads without
    hf_stochact) and a ``relufy_report.json``.
 """
@@ -31,6 +34,7 @@ from .loading import load_causal_lm
 from .metrics import SparsityMonitor
 from .registry import ffn_activations
 from .schedule import Stage, StochActSchedule
+from .shift import GateShift, GateShiftSchedule
 
 
 @dataclasses.dataclass
@@ -50,6 +54,8 @@ class RelufyConfig:
     teacher: str = ""
     teacher_gguf: str = ""
     distill: float = 0.5
+    target_sparsity: float = 0.0
+    shift_ramp: float = 0.5
     bf16: bool = False
     train_chars: int = 4_000_000
     eval_file: str = "argparse.py"
@@ -145,11 +151,16 @@ def run(cfg: RelufyConfig) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(cfg.seed)
+    callbacks = [schedule_for(cfg)]
+    if cfg.target_sparsity > 0:
+        callbacks.append(GateShiftSchedule(cfg.target_sparsity, ramp_fraction=cfg.shift_ramp))
     teacher = load_teacher(cfg)
     t0 = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     print(f"[1/5] loading {cfg.model} {cfg.gguf}")
     tokenizer, model = load_model(cfg)
+    if cfg.target_sparsity > 0:
+        GateShift(model).check_foldable()
     windows = eval_ids(tokenizer, cfg)
     print(f"[2/5] perplexity before (original activation) on {len(windows)} x {cfg.eval_window} tokens of "
           f"{cfg.eval_file}")
@@ -161,7 +172,8 @@ def run(cfg: RelufyConfig) -> dict:
     train = data.TokenBlocks(data.encode(tokenizer, text), cfg.block_size)
     print(f"[3/5] fine-tuning {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum} x {cfg.block_size} tokens "
           f"({len(train)} training blocks), StochA warm-up {cfg.stocha_fraction:.0%}, l1 {cfg.l1}, "
-          f"distillation {cfg.distill if teacher is not None else 0}")
+          f"distillation {cfg.distill if teacher is not None else 0}, target sparsity "
+          f"{cfg.target_sparsity or 'plain ReLU'}")
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
@@ -170,7 +182,7 @@ def run(cfg: RelufyConfig) -> dict:
     )
     trainer_cls = type("RelufyTrainer", (_RelufyTrainer, Trainer),
                        {"l1": cfg.l1, "teacher": teacher, "distill": cfg.distill})
-    trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=[schedule_for(cfg)])
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=callbacks)
     trainer.train()
     print("[4/5] perplexity after (ReLU)")
     ppl_after, per_layer = perplexity(model, windows)

@@ -67,3 +67,34 @@ def test_no_teacher_without_one_and_bad_distill_weight():
     assert load_teacher(RelufyConfig(model="x")) is None
     with pytest.raises(ValueError, match="distill must be in \\[0, 1\\]"):
         load_teacher(RelufyConfig(model="x", teacher="y", distill=1.5))
+
+
+def test_bad_target_sparsity_fails_before_any_loading():
+    from hf_stochact.relufy import run
+
+    with pytest.raises(ValueError, match="sparsity must be a fraction in \\[0, 1\\)"):
+        run(RelufyConfig(model="/nonexistent", target_sparsity=1.2))
+
+
+def test_relufy_end_to_end_with_gate_shifts(tmp_path):
+    """The whole command on a tiny SiLU Llama with its own tokenizer: ReLU + ramped gate shifts, saved plain."""
+    from hf_stochact import data
+    from hf_stochact.relufy import run
+
+    tokenizer = data.train_tokenizer(data.read_text(data.stdlib_files()[:20], max_chars=100_000), vocab_size=300)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            hidden_act="silu")
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "silu")
+    tokenizer.save_pretrained(tmp_path / "silu")
+    report = run(RelufyConfig(model=str(tmp_path / "silu"), output_dir=str(tmp_path / "out"), steps=4,
+                              batch_size=2, grad_accum=1, block_size=32, lr=1e-3, warmup_steps=0,
+                              train_chars=30_000, eval_chars=6_000, eval_window=64, target_sparsity=0.9,
+                              shift_ramp=0.5))
+    assert report["sparsity"] > 0.8, report["sparsity"]
+    saved = tf.AutoConfig.from_pretrained(tmp_path / "out")
+    assert saved.hidden_act == "relu" and saved.mlp_bias is True
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.model.layers[0].mlp.gate_proj.bias.min() < 0
