@@ -5,7 +5,10 @@
 3. training: transformers' ``Trainer`` with ``StochActSchedule`` (the paper's StochA+FT: StochA, then ReLU for
    the last ``relu_fraction`` of steps, then the final swap to plain ReLU);
 4. report: held-out loss/perplexity and exact-zero FFN sparsity at three points -- during StochA (sampling and
-   deterministic ReLU eval), and after the ReLU fine-tune -- and the saved model, loadable by stock transformers.
+   deterministic ReLU eval), and after the ReLU fine-tune -- and the saved model, loadable by stock transformers;
+5. inference: greedy decoding of a held-out prompt, dense and with ``sparsify`` (same tokens; how many FFN calls
+   took the sparse path), and stochastic decoding (the activations resampled at every step: different greedy
+   continuations of the same prompt).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch
 from transformers import TrainerCallback
 
 from . import data
+from .activations import StochasticSpec
 from .metrics import measure_sparsity
 from .registry import CONFIG_KEY, ffn_activations, stochastic_modules
-from .schedule import StochActSchedule
+from .schedule import StochActSchedule, set_activation
+from .sparse import sparse_stats, sparsify, unsparsify
 
 
 @dataclass
@@ -39,6 +44,8 @@ class DemoConfig:
     train_chars: int = 3_000_000
     eval_blocks: int = 64
     seed: int = 0
+    prompt_tokens: int = 24
+    new_tokens: int = 24
     output_dir: str = "runs/demo"
 
 
@@ -124,24 +131,27 @@ class _EvalBeforeSwitch(TrainerCallback):
 def run(cfg: DemoConfig) -> dict:
     from transformers import Trainer, set_seed
 
+    if cfg.prompt_tokens < 1 or cfg.new_tokens < 1 or cfg.prompt_tokens + cfg.new_tokens > cfg.block_size:
+        raise ValueError(f"prompt_tokens ({cfg.prompt_tokens}) and new_tokens ({cfg.new_tokens}) must be positive "
+                         f"and fit in block_size ({cfg.block_size}), the model's context")
     set_seed(cfg.seed)
     t0 = time.perf_counter()
-    print(f"[1/4] corpus: CPython {data.stdlib_root()} (split by file), training a {cfg.vocab_size}-token BPE ...")
+    print(f"[1/5] corpus: CPython {data.stdlib_root()} (split by file), training a {cfg.vocab_size}-token BPE ...")
     tokenizer, train, held = build_corpus(cfg)
     print(f"      {len(train)} training blocks of {cfg.block_size} tokens, {len(held)} held-out blocks")
     model = build_model(cfg, len(tokenizer))
     act = next(stochastic_modules(model))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[2/4] model: Llama {cfg.layers}x{cfg.hidden_size} (FFN {cfg.intermediate_size}), {n_params / 1e6:.1f}M "
+    print(f"[2/5] model: Llama {cfg.layers}x{cfg.hidden_size} (FFN {cfg.intermediate_size}), {n_params / 1e6:.1f}M "
           f"params, FFN activation: {act}")
     args = training_arguments(cfg)
     schedule = StochActSchedule(p=cfg.p, relu_fraction=cfg.relu_fraction)
     before = _EvalBeforeSwitch(schedule, held, cfg.seed)
-    print(f"[3/4] training {cfg.steps} steps (batch {cfg.batch_size}x{cfg.block_size}), StochA+FT: StochA(p={cfg.p}) "
+    print(f"[3/5] training {cfg.steps} steps (batch {cfg.batch_size}x{cfg.block_size}), StochA+FT: StochA(p={cfg.p}) "
           f"then ReLU for the last {cfg.relu_fraction:.0%} of steps ...")
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[schedule, before])
     result = trainer.train()
-    print("[4/4] held-out evaluation")
+    print("[4/5] held-out evaluation")
     report = dict(before.report)
     report.update(evaluate(model, held, {"after ReLU fine-tune (final)": False}, cfg.seed))
     final_dir = f"{cfg.output_dir}/final"
@@ -155,8 +165,42 @@ def run(cfg: DemoConfig) -> dict:
     kinds = sorted({type(m).__name__ for *_, m in ffn_activations(model)})
     print(f"\n  final FFN activation: {', '.join(kinds)}; config.hidden_act = {model.config.hidden_act!r}")
     print(f"  saved to {final_dir} (loads with stock transformers, no hf_stochact needed)")
+    print("\n[5/5] decoding with the final model")
+    decoding = decode_demo(model, tokenizer, held[0, : cfg.prompt_tokens], cfg)
     print(f"  done in {time.perf_counter() - t0:.0f} s")
-    return {"report": report, "train_loss": result.training_loss, "model": model, "tokenizer": tokenizer}
+    return {"report": report, "train_loss": result.training_loss, "model": model, "tokenizer": tokenizer,
+            "decoding": decoding}
+
+
+@torch.no_grad()
+def decode_demo(model, tokenizer, prompt: torch.Tensor, cfg: DemoConfig) -> dict:
+    """Greedy decode dense vs sparsified (identical tokens expected) and with stochastic activations."""
+    model.eval()
+    ids = prompt[None]
+    kw = dict(max_new_tokens=cfg.new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    dense = model.generate(ids, **kw)
+    sparsify(model)
+    sparse = model.generate(ids, **kw)
+    stats = sparse_stats(model)
+    unsparsify(model)
+    same = torch.equal(dense, sparse)
+    show = lambda t: repr(tokenizer.decode(t[0, ids.shape[1]:]))[:90]  # noqa: E731
+    print(f"  prompt: {tokenizer.decode(prompt)[-70:]!r}")
+    print(f"  greedy, dense:      {show(dense)}")
+    print(f"  greedy, sparsify(): {show(sparse)}")
+    print(f"  sparse FFN path: {stats['sparse']} calls, dense fallback (prefill): {stats['dense']}; "
+          f"tokens identical: {same}")
+    # the weights were trained with StochA: decode with it again (p = P(SiLU)), activations resampled every step
+    set_activation(model, "stochastic", StochasticSpec(p=cfg.p))
+    torch.manual_seed(cfg.seed)
+    stochastic = [model.generate(ids, **kw, stochastic_activation=True) for _ in range(3)]
+    set_activation(model, "relu")
+    for i, out in enumerate(stochastic):
+        print(f"  greedy, stochastic_activation=True (p={cfg.p}) #{i + 1}: {show(out)}")
+    distinct = len({tuple(o[0].tolist()) for o in stochastic})
+    print(f"  {distinct} distinct continuations out of 3 with greedy token choice")
+    return {"identical": same, "sparse_calls": stats["sparse"], "dense_calls": stats["dense"],
+            "distinct_stochastic": distinct}
 
 
 def _last_loss(trainer) -> float:

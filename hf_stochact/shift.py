@@ -131,6 +131,7 @@ class GateShift:
         self._handles: list = []
         self._armed: tuple[float, float] | None = None
         self._pending: set[int] = set()
+        self.natural: dict[int, float] = {}  # per site: zero fraction of relu(g) without shift, last calibration
 
     # ------------------------------------------------------------------------------------------------------------
     def attach(self) -> GateShift:
@@ -162,6 +163,10 @@ class GateShift:
     def shifts(self) -> dict[str, torch.Tensor]:
         return {s.path: s.shift for s in self.sites if s.shift is not None}
 
+    def natural_sparsity(self) -> float:
+        """Mean over layers of the unshifted ReLU zero fraction seen by the last calibration (NaN before any)."""
+        return sum(self.natural.values()) / len(self.natural) if self.natural else float("nan")
+
     def mean_shift(self) -> float:
         values = [float(s.shift.mean()) for s in self.sites if s.shift is not None]
         return sum(values) / len(values) if values else 0.0
@@ -187,6 +192,7 @@ class GateShift:
         g2 = g.detach().reshape(-1, d)
         step = max(1, g2.shape[0] // MAX_CALIBRATION_ROWS)
         g2 = g2[::step].float()
+        self.natural[id(site)] = float((g2 <= 0).float().mean())
         weight = _column_norms(site.down)
         if site.fused:
             weight = weight * output.detach().reshape(-1, 2 * d)[::step, d:].float().abs().mean(0)
@@ -263,8 +269,9 @@ def calibrate_shift(model: nn.Module, input_ids: torch.Tensor, sparsity: float, 
 class GateShiftSchedule(TrainerCallback):
     """Ramp FFN sparsity over training with per-neuron gate shifts, then fold them into the bias.
 
-    The target sparsity rises linearly from ``start`` (default 0: plain ReLU) at step 0 to ``sparsity`` at
-    ``ramp_fraction`` of ``max_steps`` and stays there. Every ``every`` optimizer steps the first forward of the
+    The target sparsity rises linearly from ``start`` at step 0 to ``sparsity`` at ``ramp_fraction`` of
+    ``max_steps`` and stays there. ``start=None`` (default) is the model's own ReLU sparsity, measured on the first
+    step's batch (no shift on that step), so the whole ramp moves the threshold. Every ``every`` optimizer steps the first forward of the
     step recalibrates the shifts on its own batch (each layer once) (with ``momentum`` smoothing). The target is a function of
     ``state.global_step``, so a resumed run continues the ramp (the shifts themselves are recalibrated from the
     first batch after resuming). ``on_train_end`` folds the shifts (:meth:`GateShift.fold`).
@@ -277,11 +284,11 @@ class GateShiftSchedule(TrainerCallback):
             cannot store the shifts.
     """
 
-    def __init__(self, sparsity: float, ramp_fraction: float = 0.5, start: float = 0.0, every: int = 1,
+    def __init__(self, sparsity: float, ramp_fraction: float = 0.5, start: float | None = None, every: int = 1,
                  momentum: float = 0.5):
         self.sparsity = _check_sparsity(sparsity)
-        self.start = _check_sparsity(start, "start")
-        if self.start > self.sparsity:
+        self.start = None if start is None else _check_sparsity(start, "start")
+        if self.start is not None and self.start > self.sparsity:
             raise ValueError(f"start ({start}) must not exceed sparsity ({sparsity})")
         if not 0.0 <= ramp_fraction <= 1.0:
             raise ValueError(f"ramp_fraction must be in [0, 1] (the share of training over which the target rises), "
@@ -292,12 +299,16 @@ class GateShiftSchedule(TrainerCallback):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.ramp_fraction, self.every, self.momentum = ramp_fraction, int(every), momentum
         self.shift: GateShift | None = None
-        self._target = self.start
+        self._start = self.start
+        self._target = 0.0
 
     def target_at(self, step: int, max_steps: int) -> float:
+        """The target sparsity at optimizer step ``step`` (0 while an automatic ``start`` is not measured yet)."""
+        if self._start is None:
+            return 0.0
         ramp = self.ramp_fraction * max_steps
         frac = 1.0 if ramp <= 0 else min(1.0, step / ramp)
-        return self.start + (self.sparsity - self.start) * frac
+        return min(self.sparsity, self._start + (self.sparsity - self._start) * frac)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.max_steps is None or state.max_steps <= 0:
@@ -305,9 +316,12 @@ class GateShiftSchedule(TrainerCallback):
         self.shift = GateShift(model)
         self.shift.check_foldable()
         self.shift.attach()
+        self._start = self.start
         _run_first_in_handler(self, inspect.currentframe())  # so TensorBoard/W&B get the on_log metrics
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self._start is None and self.shift is not None and self.shift.natural:
+            self._start = min(self.sparsity, self.shift.natural_sparsity())
         self._target = self.target_at(state.global_step, state.max_steps)
         if self.shift is not None and (state.global_step % self.every == 0 or not self.shift.shifts):
             first = not self.shift.shifts
@@ -317,6 +331,7 @@ class GateShiftSchedule(TrainerCallback):
         if logs is not None and self.shift is not None:
             logs["gate_shift/target_sparsity"] = round(self._target, 4)
             logs["gate_shift/mean_shift"] = round(self.shift.mean_shift(), 5)
+            logs["gate_shift/relu_sparsity"] = round(self.shift.natural_sparsity(), 4)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.shift is not None:

@@ -9,11 +9,17 @@ def test_demo_runs_and_reports_sparsity(capsys, tmp_path):
     assert main(["demo", "--steps", "6", "--batch-size", "4", "--block-size", "32", "--hidden-size", "32",
                  "--intermediate-size", "64", "--layers", "1", "--heads", "2", "--vocab-size", "300",
                  "--train-chars", "60000", "--relu-fraction", "0.5", "--eval-blocks", "4",
-                 "--output-dir", str(tmp_path)]) == 0
+                 "--prompt-tokens", "12", "--new-tokens", "12", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "StochA, sampling (train mode)" in out and "after ReLU fine-tune (final)" in out
     assert "FFN zeros" in out and "config.hidden_act = 'relu'" in out
     assert (tmp_path / "final" / "config.json").exists()
+    assert "tokens identical: True" in out and "distinct continuations out of 3" in out
+
+
+def test_demo_rejects_a_prompt_longer_than_the_context():
+    with pytest.raises(ValueError, match="must be positive and fit in block_size"):
+        main(["demo", "--block-size", "32", "--prompt-tokens", "24", "--new-tokens", "24"])
 
 
 def test_unknown_command_exits_with_usage():

@@ -107,14 +107,17 @@ def test_schedule_ramps_recalibrates_once_per_step_and_folds(tmp_path, monkeypat
     calls = []
     original = GateShift._recalibrate
     monkeypatch.setattr(GateShift, "_recalibrate", lambda self, *a: (calls.append(1), original(self, *a)))
-    ramp = GateShiftSchedule(0.9, ramp_fraction=0.5)
-    assert [ramp.target_at(s, 8) for s in (0, 2, 4, 8)] == pytest.approx([0.0, 0.45, 0.9, 0.9])
+    explicit = GateShiftSchedule(0.9, ramp_fraction=0.5, start=0.5)
+    assert [explicit.target_at(s, 8) for s in (0, 2, 4, 8)] == pytest.approx([0.5, 0.7, 0.9, 0.9])
+    ramp = GateShiftSchedule(0.9, ramp_fraction=0.5)  # start: the model's own ReLU sparsity, measured on step 0
+    assert ramp.target_at(3, 8) == 0.0
     args = training_args(tmp_path, max_steps=6, gradient_accumulation_steps=3, learning_rate=1e-3)
     trainer = tf.Trainer(model=model, args=args, train_dataset=token_dataset(),
                          callbacks=[StochActSchedule([Stage(0, "relu")]), ramp])
     trainer.train()
     # one recalibration per layer per optimizer step, not per micro-batch
     assert len(calls) == 6 * 2
+    assert 0.3 < ramp._start < 0.8 and ramp.target_at(1, 6) == pytest.approx(ramp._start + (0.9 - ramp._start) / 3)
     assert model.config.mlp_bias is True and model.config.hidden_act == "relu"
     assert not any(m._forward_hooks for m in model.modules())  # folded: no hooks left
     sparsity = measure_sparsity(model.eval(), torch.randint(3, 97, (8, 16))).overall
