@@ -54,16 +54,19 @@ class SparsityMonitor:
         self.every = max(1, int(every))
         self.stats = SparsityStats()
         self._handles: list = []
-        self._calls = 0
+        self._calls: dict[str, int] = {}
         if not ffn_activations(model):
             raise ValueError(f"{type(model).__name__} has no FFN activation module to monitor")
 
     def _hook(self, path: str):
         def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor) or (self._calls // self._n) % self.every:
-                self._calls += 1
+            # sample per layer: the k-th call of every layer is counted when k % every == 0, so a sampled forward
+            # counts all layers (a global call counter would sample a band of layers if the count per forward
+            # differs from the number of modules, e.g. a layer called twice)
+            calls = self._calls.get(path, 0)
+            self._calls[path] = calls + 1
+            if not isinstance(output, torch.Tensor) or calls % self.every:
                 return
-            self._calls += 1
             with torch.no_grad():
                 self.stats.zeros[path] = self.stats.zeros.get(path, 0) + int((output == 0).sum())
                 self.stats.total[path] = self.stats.total.get(path, 0) + output.numel()
@@ -71,8 +74,10 @@ class SparsityMonitor:
         return hook
 
     def attach(self) -> SparsityMonitor:
+        """Hook the model's current FFN activation modules (again after a swap: detach first). Idempotent."""
+        if self._handles:
+            return self
         found = ffn_activations(self.model)
-        self._n = len(found)
         self._handles = [module.register_forward_hook(self._hook(path)) for path, _, _, module in found]
         return self
 

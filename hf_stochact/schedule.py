@@ -219,7 +219,7 @@ class StochActSchedule(TrainerCallback):
             self._monitor = SparsityMonitor(model, every=self.monitor_every)
         self._step_to(model, state)
         if self._monitor is not None:
-            self._monitor.attach()
+            self._monitor.attach()  # no-op if the first stage's apply() attached it already
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._step_to(model, state)

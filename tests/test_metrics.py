@@ -21,6 +21,21 @@ def test_monitor_counts_exact_zeros_of_relu():
         SparsityMonitor(torch.nn.Linear(2, 2))
 
 
+def test_sampled_monitor_counts_whole_forwards_even_if_attached_twice():
+    model = tiny_llama("relu", layers=4).eval()
+    a, b = torch.randint(3, 97, (2, 16)), torch.randint(3, 97, (2, 16))
+    exact_a = measure_sparsity(model, a)
+    monitor = SparsityMonitor(model, every=2).attach()
+    monitor.attach()  # idempotent: no second set of hooks
+    with torch.no_grad():
+        for ids in (a, b, a, b):  # forwards 0 and 2 are sampled: both are `a`
+            model(input_ids=ids)
+    monitor.detach()
+    assert set(monitor.stats.total) == set(exact_a.total)  # every layer sampled
+    assert monitor.stats.per_layer() == pytest.approx(exact_a.per_layer())
+    assert monitor.stats.total == {k: 2 * v for k, v in exact_a.total.items()}
+
+
 def test_cett_is_monotone_and_the_search_hits_the_target():
     torch.manual_seed(0)
     h = torch.randn(64, 128) * torch.rand(128)  # long-tailed magnitudes per neuron
