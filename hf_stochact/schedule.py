@@ -228,11 +228,11 @@ class StochActSchedule(TrainerCallback):
         if logs is None or self._current is None:
             return
         index, p = self._current
-        logs["stochact/stage"] = index
-        logs["stochact/p"] = float("nan") if p is None else round(p, 6)
+        metrics = {"stochact/stage": index, "stochact/p": float("nan") if p is None else round(p, 6)}
         if self._monitor is not None and self._monitor.stats.total:
-            logs["stochact/ffn_zero_fraction"] = round(self._monitor.stats.overall, 6)
+            metrics["stochact/ffn_zero_fraction"] = round(self._monitor.stats.overall, 6)
             self._monitor.stats.reset()
+        add_log_metrics(state, logs, metrics)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._monitor is not None:
@@ -288,6 +288,19 @@ def set_activation(model: nn.Module, activation: str, spec: StochasticSpec | Non
         elif hasattr(config, CONFIG_KEY):
             delattr(config, CONFIG_KEY)
     return len(found)
+
+
+def add_log_metrics(state, logs: dict, metrics: dict) -> None:
+    """Add ``metrics`` to the ``logs`` of an ``on_log`` event and to the matching ``state.log_history`` entry.
+
+    The Trainer appends a copy of ``logs`` to ``log_history`` before callbacks run, so without the second write the
+    metrics reach the console and the reporting integrations but not ``trainer_state.json`` (or a report built
+    from ``log_history``).
+    """
+    logs.update(metrics)
+    history = getattr(state, "log_history", None)
+    if history and history[-1].get("step") == state.global_step and set(logs) - set(metrics) <= set(history[-1]):
+        history[-1].update(metrics)
 
 
 def _run_first_in_handler(callback: TrainerCallback, frame) -> None:

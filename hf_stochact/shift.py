@@ -32,7 +32,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .registry import _configs, ffn_activations
-from .schedule import _run_first_in_handler
+from .schedule import _run_first_in_handler, add_log_metrics
 from .sparse import PLAIN_DOWN_NAMES
 
 # pre-activation projection names: (name, fused gate+up with the gate first)
@@ -271,10 +271,12 @@ class GateShiftSchedule(TrainerCallback):
 
     The target sparsity rises linearly from ``start`` at step 0 to ``sparsity`` at ``ramp_fraction`` of
     ``max_steps`` and stays there. ``start=None`` (default) is the model's own ReLU sparsity, measured on the first
-    step's batch (no shift on that step), so the whole ramp moves the threshold. Every ``every`` optimizer steps the first forward of the
-    step recalibrates the shifts on its own batch (each layer once) (with ``momentum`` smoothing). The target is a function of
-    ``state.global_step``, so a resumed run continues the ramp (the shifts themselves are recalibrated from the
-    first batch after resuming). ``on_train_end`` folds the shifts (:meth:`GateShift.fold`).
+    step's batch (no shift on that step), so the whole ramp moves the threshold. Every ``every`` optimizer steps,
+    the first forward of the step recalibrates each layer's shifts on its own batch, smoothed with ``momentum``.
+    The target is a function of ``state.global_step``, so a resumed run continues the ramp (the shifts themselves
+    are recalibrated from the first batch after resuming). ``on_train_end`` folds the shifts
+    (:meth:`GateShift.fold`). On a model whose shifts are already folded (a continued run), the ramp starts from
+    its current sparsity and ``ramp_fraction=0`` holds the target from the first step.
 
     Use it with a ReLU FFN (e.g. next to ``StochActSchedule([Stage(0, "relu")])``): the shift moves the threshold
     of ``relu``; with other activations it only shifts their input.
@@ -329,9 +331,9 @@ class GateShiftSchedule(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.shift is not None:
-            logs["gate_shift/target_sparsity"] = round(self._target, 4)
-            logs["gate_shift/mean_shift"] = round(self.shift.mean_shift(), 5)
-            logs["gate_shift/relu_sparsity"] = round(self.shift.natural_sparsity(), 4)
+            add_log_metrics(state, logs, {"gate_shift/target_sparsity": round(self._target, 4),
+                                          "gate_shift/mean_shift": round(self.shift.mean_shift(), 5),
+                                          "gate_shift/relu_sparsity": round(self.shift.natural_sparsity(), 4)})
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.shift is not None:

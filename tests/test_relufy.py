@@ -1,6 +1,7 @@
 """The relufy recipe's training loss: L1 pressure and distillation from the SiLU teacher."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -94,6 +95,9 @@ def test_relufy_end_to_end_with_gate_shifts(tmp_path):
                               train_chars=30_000, eval_chars=6_000, eval_window=64, target_sparsity=0.9,
                               shift_ramp=0.5))
     assert report["sparsity"] > 0.8, report["sparsity"]
+    targets = [h["gate_shift/target_sparsity"] for h in report["log_history"] if "gate_shift/target_sparsity" in h]
+    assert targets and targets[-1] == pytest.approx(0.9) and targets == sorted(targets)  # the ramp, logged
+    json.loads((tmp_path / "out" / "relufy_report.json").read_text())  # the report round-trips as JSON
     saved = tf.AutoConfig.from_pretrained(tmp_path / "out")
     assert saved.hidden_act == "relu" and saved.mlp_bias is True
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -118,6 +118,8 @@ def test_relufies_a_stock_silu_model_and_saves_plain_relu(tmp_path):
     zeros = [h["stochact/ffn_zero_fraction"] for h in logs]
     assert all(0.0 < z < 1.0 for z in zeros)
     assert zeros[-1] > zeros[0]  # ReLU zeroes every negative, StochA(0.5) only half of them
+    history = [h for h in trainer.state.log_history if "loss" in h]  # what trainer_state.json keeps
+    assert [h["stochact/ffn_zero_fraction"] for h in history] == zeros
 
 
 def test_stochastic_model_follows_swi_ft_and_is_swapped(tmp_path):
