@@ -195,7 +195,10 @@ def run(cfg: RelufyConfig) -> dict:
         "config": dataclasses.asdict(cfg), "ppl_before": ppl_before, "ppl_after": ppl_after,
         "sparsity": sparsity, "sparsity_per_layer": per_layer, "seconds": time.perf_counter() - t0,
         "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
-        "log_history": trainer.state.log_history,  # incl. gate_shift/* and stochact/* metrics per logging step
+        # incl. gate_shift/* and stochact/* metrics per logging step; NaN (stochact/p of a non-stochastic stage)
+        # becomes null so the report is strict JSON
+        "log_history": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in h.items()}
+                        for h in trainer.state.log_history],
     }
     (out_dir / "relufy_report.json").write_text(json.dumps(report, indent=1))
     return report

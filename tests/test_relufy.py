@@ -97,7 +97,10 @@ def test_relufy_end_to_end_with_gate_shifts(tmp_path):
     assert report["sparsity"] > 0.8, report["sparsity"]
     targets = [h["gate_shift/target_sparsity"] for h in report["log_history"] if "gate_shift/target_sparsity" in h]
     assert targets and targets[-1] == pytest.approx(0.9) and targets == sorted(targets)  # the ramp, logged
-    json.loads((tmp_path / "out" / "relufy_report.json").read_text())  # the report round-trips as JSON
+    def strict(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    json.loads((tmp_path / "out" / "relufy_report.json").read_text(), parse_constant=strict)  # no NaN
     saved = tf.AutoConfig.from_pretrained(tmp_path / "out")
     assert saved.hidden_act == "relu" and saved.mlp_bias is True
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
