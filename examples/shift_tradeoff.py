@@ -50,15 +50,16 @@ def main() -> None:
     for folder in args.model:
         name = Path(folder).name
         results[name] = []
+        tokenizer, _ = load_causal_lm(folder)
+        windows, calibration = eval_ids(tokenizer, RelufyConfig()), calibration_ids(tokenizer)
         for target in sorted(set([0.0, *args.sparsity])):
             if target > 0 and target <= results[name][0]["sparsity"]:
                 print(f"{name} target {target}: skipped (the model already has "
                       f"{results[name][0]['sparsity']:.1%} zeros)", flush=True)
                 continue
-            tokenizer, model = load_causal_lm(folder)
-            windows = eval_ids(tokenizer, RelufyConfig())
+            _, model = load_causal_lm(folder)  # fresh weights: calibrate_shift folds into the bias
             if target > 0:
-                calibrate_shift(model, calibration_ids(tokenizer), target)
+                calibrate_shift(model, calibration, target)
             ppl, per_layer = perplexity(model, windows)
             zeros = sum(per_layer.values()) / len(per_layer)
             results[name].append({"target": target, "ppl": ppl, "sparsity": zeros})
