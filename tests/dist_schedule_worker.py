@@ -53,6 +53,12 @@ def main(out):
         saved = tf.AutoConfig.from_pretrained(out + "/final")
         assert saved.hidden_act == "relu" and not hasattr(saved, hf_stochact.CONFIG_KEY)
         print("DISTRIBUTED-OK", agree)
+    # Every rank leaves through the Trainer's own cleanup: it destroys the process group, so no gloo thread is
+    # still running when the interpreter exits (without it, a rank could abort at exit with "terminate called
+    # without an active exception" and torchrun reported the run as failed).
+    dist.barrier()
+    trainer.end()
+    assert not dist.is_initialized()
 
 
 if __name__ == "__main__":
