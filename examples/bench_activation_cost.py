@@ -21,7 +21,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_stochact
-from hf_stochact.registry import register_activation
+from hf_stochact.integration import register_activation
 
 
 class NaiveStochA(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import transformers as tf
 
 import hf_stochact  # noqa: F401  (wraps generate)
-from hf_stochact.loading import load_causal_lm
+from hf_stochact.cli.loading import load_causal_lm
 
 
 def load(args):

@@ -30,7 +30,7 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_stochact import StochasticActivation  # noqa: E402
-from hf_stochact.learnable import GumbelStochActivation, LearnableStochActivation  # noqa: E402
+from hf_stochact.activations.learnable import GumbelStochActivation, LearnableStochActivation  # noqa: E402
 
 THRESHOLD = 1e-2
 HIDDEN = 64

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import hf_stochact  # noqa: F401  (adds stochastic_activation to generate)
-from hf_stochact.loading import load_causal_lm
+from hf_stochact.cli.loading import load_causal_lm
 
 INSTRUCTION = "Complete the following Python function. Reply with the full function in a ```python code block.\n\n"
 

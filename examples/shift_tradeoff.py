@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from hf_stochact import calibrate_shift, data
-from hf_stochact.loading import load_causal_lm
-from hf_stochact.relufy import RelufyConfig, eval_ids, perplexity
+from hf_stochact import calibrate_shift
+from hf_stochact.cli import data
+from hf_stochact.cli.loading import load_causal_lm
+from hf_stochact.cli.relufy import RelufyConfig, eval_ids, perplexity
 
 
 def calibration_ids(tokenizer, rows: int = 8, window: int = 512, eval_file: str = "argparse.py") -> torch.Tensor:

@@ -1,53 +1,61 @@
 """hf_stochact: stochastic activations (Lomeli et al., 2025) for any Hugging Face transformers model.
 
-``import hf_stochact`` registers ``"stochastic"`` in transformers' ``ACT2FN``; then set a model config's activation
-field (``hidden_act``, ``hidden_activation`` or ``activation_function``) to ``"stochastic"`` and build the model.
-Settings go in ``config.stochastic_activation`` (a dict of :class:`StochasticSpec` fields) or through
-:func:`configure`. ``p`` is always the probability of **SiLU**.
+``import hf_stochact`` registers ``"stochastic"`` in transformers' ``ACT2FN`` (see :mod:`hf_stochact.integration`
+for every patch); then set a model config's activation field (``hidden_act``, ``hidden_activation`` or
+``activation_function``) to ``"stochastic"`` and build the model. ``p`` is always the probability of **SiLU**.
+
+Layout: ``activations/`` the math, ``kernels/`` the PyTorch operators (C loops on CPU, torch ops elsewhere),
+``layouts.py`` where FFNs are in a model, ``integration/`` the transformers patches, ``training/`` schedule and
+gate shifts, ``inference/`` sparsify, ``analysis/`` sparsity metrics, ``cli/`` the ``hf-stochact`` commands.
 """
 
-from .activations import StochasticActivation, StochasticSpec
-from .generation import install as _install_generation
-from .generation import set_generation_defaults, stochastic_decoding
-from .metrics import SparsityMonitor, measure_sparsity
-from .registry import (
+from .activations import GumbelStochActivation, LearnableStochActivation, StochasticActivation, StochasticSpec
+from .analysis.metrics import SparsityMonitor, measure_sparsity, perplexity
+from .inference.sparse import SparseConfig, is_sparsified, sparse_stats, sparsify, unsparsify
+from .integration import install
+from .integration.config import (
     ACTIVATION_FIELDS,
     CONFIG_KEY,
     activation_field,
     configure,
-    ffn_activations,
     get_spec,
-    register,
     stochastic_modules,
 )
-from .schedule import Stage, StochActSchedule, set_activation
-from .shift import GateShift, GateShiftSchedule, calibrate_shift
-from .sparse import SparseConfig, is_sparsified, sparse_stats, sparsify, unsparsify
+from .integration.generation import set_generation_defaults, stochastic_decoding
+from .layouts import LAYOUTS, MLP, MLPLayout, ffn_activations, find_mlps
+from .training.schedule import Stage, StochActSchedule, set_activation
+from .training.shift import GateShift, GateShiftSchedule, calibrate_shift
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-register()
-_install_generation()
+install()
 
 __all__ = [
     "ACTIVATION_FIELDS",
     "CONFIG_KEY",
+    "LAYOUTS",
+    "MLP",
     "GateShift",
     "GateShiftSchedule",
-    "StochasticActivation",
+    "GumbelStochActivation",
+    "LearnableStochActivation",
+    "MLPLayout",
     "SparseConfig",
     "SparsityMonitor",
     "Stage",
     "StochActSchedule",
+    "StochasticActivation",
     "StochasticSpec",
     "activation_field",
     "calibrate_shift",
     "configure",
     "ffn_activations",
+    "find_mlps",
     "get_spec",
+    "install",
     "is_sparsified",
     "measure_sparsity",
-    "register",
+    "perplexity",
     "set_activation",
     "set_generation_defaults",
     "sparse_stats",

@@ -3,7 +3,7 @@
 import torch
 import transformers as tf
 
-from hf_stochact.data import TokenBlocks
+from hf_stochact.cli.data import TokenBlocks
 
 
 def tiny_llama(act="silu", layers=2, **kwargs):

@@ -7,7 +7,7 @@ import transformers as tf
 from helpers import tiny_llama, token_dataset, training_args
 
 from hf_stochact import StochActSchedule, ffn_activations, sparsify
-from hf_stochact.learnable import GumbelStochActivation, LearnableStochActivation
+from hf_stochact.activations.learnable import GumbelStochActivation, LearnableStochActivation
 
 
 def test_registered_and_parameter_count():

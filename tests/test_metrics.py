@@ -5,7 +5,7 @@ import torch
 from helpers import tiny_llama
 
 from hf_stochact import SparsityMonitor, measure_sparsity
-from hf_stochact.metrics import cett, cett_threshold, collect_hidden, sparsity_report, union_active
+from hf_stochact.analysis.metrics import cett, cett_threshold, collect_hidden, sparsity_report, union_active
 
 
 def test_monitor_counts_exact_zeros_of_relu():

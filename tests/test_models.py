@@ -100,7 +100,7 @@ def test_configure_validates_and_updates_config():
     with pytest.raises(ValueError, match="p must be in"):
         configure(model, p=2.0)
     configure(model, choices={"relu": 0.5, "silu": 0.25, "gelu": 0.25})
-    assert model.config.stochastic_activation["choices"] == {"relu": 0.5, "silu": 0.25, "gelu": 0.25}
+    assert model.config.stochastic_activation["choices"] == [["relu", 0.5], ["silu", 0.25], ["gelu", 0.25]]
     silu_model = tf.LlamaForCausalLM(tf.LlamaConfig(**ARCHS["llama"][2]))
     with pytest.raises(ValueError, match="no stochastic activation"):
         configure(silu_model, p=0.5)
@@ -132,8 +132,8 @@ def test_registration_is_idempotent_and_in_place():
     from transformers import activations
 
     table = activations.ACT2FN
-    hf_stochact.register()
-    hf_stochact.register()
+    hf_stochact.install()
+    hf_stochact.install()
     assert activations.ACT2FN is table
     assert isinstance(activations.ACT2FN["stochastic"], StochasticActivation)
     assert isinstance(activations.ACT2CLS["stochastic"](), StochasticActivation)  # zero-argument callable

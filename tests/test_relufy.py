@@ -7,13 +7,14 @@ import pytest
 import torch
 import transformers as tf
 
-from hf_stochact.relufy import RelufyConfig, _RelufyTrainer, load_teacher
+from hf_stochact.cli.relufy import RelufyConfig, load_teacher
+from hf_stochact.training.relufy import RelufyLoss
 
 from helpers import tiny_llama, token_dataset, training_args
 
 
 def _trainer(tmp_path, model, **attrs):
-    cls = type("T", (_RelufyTrainer, tf.Trainer), attrs)
+    cls = type("T", (RelufyLoss, tf.Trainer), attrs)
     return cls(model=model, args=training_args(tmp_path), train_dataset=token_dataset())
 
 
@@ -71,7 +72,7 @@ def test_no_teacher_without_one_and_bad_distill_weight():
 
 
 def test_bad_target_sparsity_fails_before_any_loading():
-    from hf_stochact.relufy import run
+    from hf_stochact.cli.relufy import run
 
     with pytest.raises(ValueError, match="sparsity must be a fraction in \\[0, 1\\)"):
         run(RelufyConfig(model="/nonexistent", target_sparsity=1.2))
@@ -79,8 +80,8 @@ def test_bad_target_sparsity_fails_before_any_loading():
 
 def test_relufy_end_to_end_with_gate_shifts(tmp_path):
     """The whole command on a tiny SiLU Llama with its own tokenizer: ReLU + ramped gate shifts, saved plain."""
-    from hf_stochact import data
-    from hf_stochact.relufy import run
+    from hf_stochact.cli import data
+    from hf_stochact.cli.relufy import run
 
     tokenizer = data.train_tokenizer(data.read_text(data.stdlib_files()[:20], max_chars=100_000), vocab_size=300)
     config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -7,7 +7,7 @@ import transformers as tf
 from helpers import tiny_llama, token_dataset, training_args
 
 from hf_stochact import Stage, StochActSchedule, measure_sparsity, sparsify
-from hf_stochact.shift import GateShift, GateShiftSchedule, calibrate_shift, shifts_for
+from hf_stochact.training.shift import GateShift, GateShiftSchedule, calibrate_shift, shifts_for
 
 SMALL = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 ARCHS = {  # ReLU FFNs of the three kinds: gated (separate gate), plain with a biased first projection, fused gate_up
@@ -153,7 +153,7 @@ def test_schedule_rejects_bad_arguments(kwargs, match):
 
 
 def test_errors_name_what_is_missing():
-    with pytest.raises(ValueError, match="no FFN with a recognised pre-activation projection"):
+    with pytest.raises(ValueError, match="no FFN with a known pre-activation and down projection"):
         GateShift(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="sparsity must be"):
         calibrate_shift(tiny_llama("relu"), torch.randint(3, 97, (2, 8)), 1.5)

@@ -7,7 +7,7 @@ from helpers import tiny_llama
 
 import hf_stochact
 from hf_stochact import SparseConfig, is_sparsified, sparsify, unsparsify
-from hf_stochact import sparse as sp
+from hf_stochact.inference import sparse as sp
 
 SMALL = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 RELU_ARCHS = {
@@ -26,14 +26,6 @@ RELU_ARCHS = {
     "neox-relu2": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**SMALL, intermediate_size=256,
                                                                  hidden_act="relu2")),
 }
-
-
-@pytest.fixture(params=["compiled", "torch"])
-def path(request, monkeypatch):
-    """Run on the compiled loops and on the torch fallback (index_select + matmul)."""
-    if request.param == "torch":
-        monkeypatch.setattr(sp, "_kernels", None)
-    return request.param
 
 
 @pytest.mark.parametrize("arch", sorted(RELU_ARCHS))
@@ -85,26 +77,33 @@ def test_single_module_and_density_fallback(path):
     x = torch.randn(1, 64)
     with torch.no_grad():
         ref = mlp(x)
-        assert sparsify(mlp, max_density=0.01) is mlp
-        torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-6)
-        assert sp.sparse_stats(mlp) == {"sparse": 0, "dense": 1}, "~50% active > max_density=0.01: dense"
-        unsparsify(mlp)
-        sparsify(mlp, max_density=0.9)
-        torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-6)
-        assert sp.sparse_stats(mlp) == {"sparse": 1, "dense": 0}
+        wrapped = sparsify(mlp, max_density=0.01)  # a bare MLP has no parent: sparsify returns the wrapper
+        assert isinstance(wrapped, sp.SparseMLP) and wrapped.original is mlp
+        torch.testing.assert_close(wrapped(x), ref, rtol=1e-5, atol=1e-6)
+        assert sp.sparse_stats(wrapped) == {"sparse": 0, "dense": 1}, "~50% active > max_density=0.01: dense"
+        assert unsparsify(wrapped) is mlp
+        wrapped = sparsify(mlp, max_density=0.9)
+        torch.testing.assert_close(wrapped(x), ref, rtol=1e-5, atol=1e-6)
+        assert sp.sparse_stats(wrapped) == {"sparse": 1, "dense": 0}
 
 
-def test_in_place_weight_change_refreshes_the_transposed_copy():
+def test_in_place_weight_change_is_seen_by_both_paths():
+    """W_down is stored once (the Linear holds a transposed view): in-place updates reach the sparse loops."""
     torch.manual_seed(0)
-    mlp = RELU_ARCHS["llama"]().model.layers[0].mlp
-    sparsify(mlp, max_density=1.0)
-    x = torch.randn(1, 64)
+    model = tiny_llama("relu").eval()
+    mlp = model.model.layers[0].mlp
+    w = mlp.down_proj.weight
+    sparsify(model, max_density=1.0)
+    assert model.model.layers[0].mlp.down_proj.weight is w, "same Parameter object"
+    assert w.t().is_contiguous() and not w.is_contiguous(), "rows of neurons contiguous, module sees a view"
+    x = torch.randn(1, 32)
     with torch.no_grad():
-        mlp(x)
-        mlp.down_proj.weight.mul_(2.0)
-        out = mlp(x)
-        unsparsify(mlp)
-        torch.testing.assert_close(out, mlp(x), rtol=1e-5, atol=1e-6)
+        model.model.layers[0].mlp(x)
+        w.mul_(2.0)
+        out = model.model.layers[0].mlp(x)
+        unsparsify(model)
+        assert w.is_contiguous(), "unsparsify restores the stock layout"
+        torch.testing.assert_close(out, model.model.layers[0].mlp(x), rtol=1e-5, atol=1e-6)
 
 
 def test_autograd_uses_the_dense_path():
@@ -123,18 +122,6 @@ def test_save_after_sparsify_keeps_the_state_dict(tmp_path):
     assert set(model.state_dict()) == keys
     model.save_pretrained(tmp_path)
     assert isinstance(tf.LlamaForCausalLM.from_pretrained(tmp_path), tf.LlamaForCausalLM)
-
-
-def test_gather_kernels_match_torch():
-    torch.manual_seed(0)
-    w = torch.randn(300, 70)
-    x = torch.randn(3, 70)
-    idx = torch.tensor([5, 0, 299, 17, 17])
-    torch.testing.assert_close(sp.gather_dot(w, x, idx), x @ w[idx].t(), rtol=1e-5, atol=1e-5)
-    h = torch.randn(3, 5)
-    torch.testing.assert_close(sp.gather_axpy(w, h, idx), h @ w[idx], rtol=1e-5, atol=1e-5)
-    wb = w.to(torch.bfloat16)
-    torch.testing.assert_close(sp.gather_dot(wb, x, idx), x @ wb.float()[idx].t(), rtol=1e-5, atol=1e-4)
 
 
 def test_no_relu_ffn_raises_and_bad_config():

@@ -25,55 +25,47 @@ one; Llama-family configs have ``mlp_bias`` (set to True, with zero biases on th
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .registry import _configs, ffn_activations
-from .schedule import _run_first_in_handler, add_log_metrics
-from .sparse import PLAIN_DOWN_NAMES
+from ..integration.config import model_configs
+from ..layouts import LAYOUTS, MLP, find_mlps
+from .schedule import add_log_metrics
 
-# pre-activation projection names: (name, fused gate+up with the gate first)
-PRE_ACTIVATION_NAMES = (("gate_proj", False), ("gate_up_proj", True), ("fc1", False), ("c_fc", False),
-                        ("dense_h_to_4h", False), ("fc_in", False), ("wi", False), ("w1", False))
-UP_NAMES = ("up_proj", "w3")
 MAX_CALIBRATION_ROWS = 4096
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Site:
-    path: str
-    mlp: nn.Module
-    pre: nn.Module  # the projection whose output (first half if fused) is the activation's input
-    fused: bool
-    up: nn.Module | None
-    down: nn.Module
+    """One FFN and its shift (``pre``'s output, first half if fused, is the activation's input)."""
+
+    mlp: MLP
     shift: torch.Tensor | None = None  # [d_ff] float32, >= 0
 
+    @property
+    def path(self) -> str:
+        return self.mlp.path
+
+    @property
+    def pre(self) -> nn.Module:
+        return self.mlp.pre
+
+    @property
+    def fused(self) -> bool:
+        return self.mlp.layout.fused_gate_up
+
     def width(self) -> int:
-        out = self.pre.weight.shape[0] if isinstance(self.pre, nn.Linear) else self.pre.weight.shape[1]
-        return out // 2 if self.fused else out
+        return self.mlp.width
 
 
 def _find_sites(model: nn.Module) -> list[_Site]:
-    sites, seen = [], set()
-    for path, parent, _, _ in ffn_activations(model):
-        if id(parent) in seen:
-            continue
-        seen.add(id(parent))
-        children = parent._modules
-        pre = next(((children[n], fused) for n, fused in PRE_ACTIVATION_NAMES if children.get(n) is not None), None)
-        down = next((children[n] for n in PLAIN_DOWN_NAMES if children.get(n) is not None), None)
-        if pre is None or down is None or not hasattr(pre[0], "weight"):
-            continue
-        up = None if pre[1] else next((children[n] for n in UP_NAMES if children.get(n) is not None), None)
-        sites.append(_Site(path.rsplit(".", 1)[0], parent, pre[0], pre[1], up, down))
+    sites = [_Site(mlp) for mlp in find_mlps(model, need="pre+down")]
     if not sites:
-        raise ValueError(f"{type(model).__name__} has no FFN with a recognised pre-activation projection (one of "
-                         f"{', '.join(n for n, _ in PRE_ACTIVATION_NAMES)}) and down projection (one of "
-                         f"{', '.join(PLAIN_DOWN_NAMES)}); gate shifts need both")
+        known = ", ".join(f"{lay.name} ({lay.pre} -> {lay.down})" for lay in LAYOUTS if lay.pre and lay.down)
+        raise ValueError(f"{type(model).__name__} has no FFN with a known pre-activation and down projection "
+                         f"(layouts: {known}); gate shifts need both")
     return sites
 
 
@@ -82,12 +74,6 @@ def _check_sparsity(sparsity: float, name: str = "sparsity") -> float:
         raise ValueError(f"{name} must be a fraction in [0, 1) (the share of FFN activations to make zero), "
                          f"got {sparsity!r}")
     return float(sparsity)
-
-
-@torch.no_grad()
-def _column_norms(down: nn.Module) -> torch.Tensor:
-    w = down.weight.detach().float()
-    return w.norm(dim=0) if isinstance(down, nn.Linear) else w.norm(dim=1)
 
 
 @torch.no_grad()
@@ -193,11 +179,11 @@ class GateShift:
         step = max(1, g2.shape[0] // MAX_CALIBRATION_ROWS)
         g2 = g2[::step].float()
         self.natural[id(site)] = float((g2 <= 0).float().mean())
-        weight = _column_norms(site.down)
+        weight = site.mlp.down_column_norms()
         if site.fused:
             weight = weight * output.detach().reshape(-1, 2 * d)[::step, d:].float().abs().mean(0)
-        elif site.up is not None:
-            weight = weight * site.up(x.detach().reshape(-1, x.shape[-1])[::step]).float().abs().mean(0)
+        elif site.mlp.up is not None:
+            weight = weight * site.mlp.up(x.detach().reshape(-1, x.shape[-1])[::step]).float().abs().mean(0)
         new = shifts_for(g2, weight, sparsity)
         site.shift = new if site.shift is None else momentum * site.shift + (1 - momentum) * new
 
@@ -206,7 +192,7 @@ class GateShift:
         """Raise ValueError unless :meth:`fold` can store the shifts as a bias the model's config declares."""
         if all(s.pre.bias is not None for s in self.sites):
             return
-        if not any(hasattr(c, "mlp_bias") for c in _configs(self.model)):
+        if not any(hasattr(c, "mlp_bias") for c in model_configs(self.model)):
             raise ValueError(f"gate shifts need a bias on the FFN pre-activation projection, but "
                              f"{type(self.model).__name__}'s has none and its config has no `mlp_bias` field to "
                              "declare one; shifts work on GPT-2-style MLPs (biased) and Llama-family models "
@@ -222,11 +208,11 @@ class GateShift:
         self.check_foldable()
         self.detach()
         if any(s.pre.bias is None for s in self.sites):
-            for config in _configs(self.model):
+            for config in model_configs(self.model):
                 if hasattr(config, "mlp_bias"):
                     config.mlp_bias = True
             for s in self.sites:
-                for layer in s.mlp.children():
+                for layer in s.mlp.module.children():
                     if isinstance(layer, nn.Linear) and layer.bias is None:
                         w = layer.weight
                         layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
@@ -286,6 +272,8 @@ class GateShiftSchedule(TrainerCallback):
             cannot store the shifts.
     """
 
+    log_before_integrations = True  # on_log metrics reach TensorBoard / W&B (hf_stochact.integration.trainer)
+
     def __init__(self, sparsity: float, ramp_fraction: float = 0.5, start: float | None = None, every: int = 1,
                  momentum: float = 0.5):
         self.sparsity = _check_sparsity(sparsity)
@@ -319,7 +307,6 @@ class GateShiftSchedule(TrainerCallback):
         self.shift.check_foldable()
         self.shift.attach()
         self._start = self.start
-        _run_first_in_handler(self, inspect.currentframe())  # so TensorBoard/W&B get the on_log metrics
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self._start is None and self.shift is not None and self.shift.natural:

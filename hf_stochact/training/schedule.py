@@ -30,18 +30,19 @@ Mechanics:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
 
-from .activations import StochasticActivation, StochasticSpec, _check_probability, _known_activations
-from .metrics import SparsityMonitor
-from .registry import CONFIG_KEY, NAME, _configs, activation_field, ffn_activations
+from ..activations import StochasticActivation, StochasticSpec
+from ..activations.stochastic import check_probability, known_activations
+from ..analysis.metrics import SparsityMonitor
+from ..inference.sparse import is_sparsified, unsparsify
+from ..integration.config import NAME, set_config_activation
+from ..layouts import find_mlps, relu_kind
 
 PRESETS = ("stocha+ft", "swi+ft", "keep+ft")
 KEEP = "keep"
@@ -77,7 +78,7 @@ class Stage:
                              "(use an int for an absolute step)")
         if isinstance(self.start, int) and self.start < 0:
             raise ValueError(f"Stage.start as a step must be >= 0, got {self.start}")
-        allowed = (NAME, KEEP, *_known_activations())
+        allowed = (NAME, KEEP, *known_activations())
         if self.activation not in allowed:
             raise ValueError(f"Stage.activation must be 'stochastic', 'keep' or an ACT2FN name, got "
                              f"{self.activation!r}; allowed: {', '.join(allowed)}")
@@ -104,6 +105,9 @@ class Stage:
 class StochActSchedule(TrainerCallback):
     """Schedule the FFN activation during ``Trainer.train`` (see the module docstring).
 
+    Runs before the Trainer's reporting integrations (``log_before_integrations``), so its ``on_log`` metrics
+    reach TensorBoard / W&B too.
+
     Args:
         stages: explicit list of :class:`Stage` (or dicts of its fields). If omitted, ``preset`` builds it.
         preset: ``"stocha+ft"`` (default), ``"swi+ft"`` or ``"keep+ft"``.
@@ -118,6 +122,8 @@ class StochActSchedule(TrainerCallback):
             or a schedule in fractions when the Trainer does not know ``max_steps``.
     """
 
+    log_before_integrations = True
+
     def __init__(
         self,
         stages: Sequence[Stage | Mapping[str, Any]] | None = None,
@@ -128,11 +134,11 @@ class StochActSchedule(TrainerCallback):
         final_activation: str | None = "relu",
         monitor_every: int = 10,
     ) -> None:
-        relu_fraction = _check_probability("relu_fraction", relu_fraction)
+        relu_fraction = check_probability("relu_fraction", relu_fraction)
         if stages is None:
             if preset not in PRESETS:
                 raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-            p = _check_probability("p", p)
+            p = check_probability("p", p)
             first = {"stocha+ft": Stage(0.0, NAME, p=p), "swi+ft": Stage(0.0, "silu"),
                      "keep+ft": Stage(0.0, KEEP)}[preset]
             if relu_fraction == 1.0:
@@ -151,7 +157,7 @@ class StochActSchedule(TrainerCallback):
         if any(s.activation == KEEP for s in stages[1:]):
             raise ValueError("a 'keep' stage (train the model's own FFN activation, e.g. learnable_stoch or "
                              "gumbel_stoch) can only be the first stage: once swapped, the original is gone")
-        if final_activation is not None and final_activation not in _known_activations():
+        if final_activation is not None and final_activation not in known_activations():
             raise ValueError(f"final_activation must be a plain ACT2FN name such as 'relu', or None to keep the last "
                              f"stage, got {final_activation!r}")
         if int(monitor_every) < 0:
@@ -214,7 +220,6 @@ class StochActSchedule(TrainerCallback):
             raise ValueError("StochActSchedule needs the model: the Trainer passes it to callbacks")
         self._starts = self.resolve(state.max_steps)
         self._current = None
-        _run_first_in_handler(self, inspect.currentframe())
         if self.monitor_every:
             self._monitor = SparsityMonitor(model, every=self.monitor_every)
         self._step_to(model, state)
@@ -264,12 +269,13 @@ def set_activation(model: nn.Module, activation: str, spec: StochasticSpec | Non
 
     if activation not in ACT2FN:
         raise ValueError(f"activation must be an ACT2FN name, got {activation!r}")
-    found = ffn_activations(model)
-    if not found:
+    mlps = find_mlps(model)
+    if not mlps:
         raise ValueError(f"{type(model).__name__} has no FFN activation module (looked for activation modules "
                          "under act_fn / act / activation_fn / intermediate_act_fn / activation)")
     spec = spec if spec is not None else (StochasticSpec() if activation == NAME else None)
-    for _, parent, attr, module in found:
+    for mlp in mlps:
+        module = mlp.activation
         if activation == NAME and isinstance(module, StochasticActivation):
             module.spec = spec
             continue
@@ -277,17 +283,11 @@ def set_activation(model: nn.Module, activation: str, spec: StochasticSpec | Non
         if isinstance(new, StochasticActivation):
             new.spec = spec
         new.train(module.training)
-        setattr(parent, attr, new)
-    for config in _configs(model):
-        field = activation_field(config)
-        if field is None:
-            continue
-        setattr(config, field, activation)
-        if spec is not None:
-            setattr(config, CONFIG_KEY, spec.to_dict())
-        elif hasattr(config, CONFIG_KEY):
-            delattr(config, CONFIG_KEY)
-    return len(found)
+        mlp.set_activation(new)
+    if relu_kind(ACT2FN[activation]) is None and is_sparsified(model):
+        unsparsify(model)  # the sparse path computes ReLU FFNs only
+    set_config_activation(model, activation, spec)
+    return len(mlps)
 
 
 def add_log_metrics(state, logs: dict, metrics: dict) -> None:
@@ -301,21 +301,6 @@ def add_log_metrics(state, logs: dict, metrics: dict) -> None:
     history = getattr(state, "log_history", None)
     if history and history[-1].get("step") == state.global_step and set(logs) - set(metrics) <= set(history[-1]):
         history[-1].update(metrics)
-
-
-def _run_first_in_handler(callback: TrainerCallback, frame) -> None:
-    """Move ``callback`` to the front of the Trainer's callback list.
-
-    The Trainer puts reporting integrations (TensorBoard, W&B, ...) before user callbacks, so metrics a user
-    callback adds in ``on_log`` would reach the console but not those loggers. Running first fixes that. The
-    handler is the caller of this event (``CallbackHandler.call_event``); moving an already-visited item to the
-    front while it iterates does not skip or repeat anyone.
-    """
-    caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
-    handler = caller.f_locals.get("self") if caller is not None else None
-    if isinstance(handler, CallbackHandler) and callback in handler.callbacks:
-        handler.callbacks.remove(callback)
-        handler.callbacks.insert(0, callback)
 
 
 def _check_increasing(stages: Sequence[Stage], starts: Sequence[float | int], where: str) -> None:

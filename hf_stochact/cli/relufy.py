@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..analysis.metrics import perplexity
+from ..training.relufy import RelufyLoss, relufy_schedule
+from ..training.schedule import StochActSchedule
+from ..training.shift import GateShift, GateShiftSchedule
 from . import data
 from .loading import load_causal_lm
-from .metrics import SparsityMonitor
-from .registry import ffn_activations
-from .schedule import Stage, StochActSchedule
-from .shift import GateShift, GateShiftSchedule
 
 
 @dataclasses.dataclass
@@ -80,60 +80,9 @@ def eval_ids(tokenizer, cfg: RelufyConfig) -> torch.Tensor:
     return ids[: n * cfg.eval_window].view(n, cfg.eval_window)
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> tuple[float, dict[str, float]]:
-    """(perplexity over ``windows``, per-layer exact-zero FFN sparsity) in eval mode."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    with SparsityMonitor(model) as monitor:
-        for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
-            out = model(input_ids=w[None], labels=w[None])
-            nll += float(out.loss) * (len(w) - 1)
-            count += len(w) - 1
-    model.train(was_training)
-    return math.exp(nll / count), monitor.stats.per_layer()
-
-
-class _RelufyTrainer:
-    """Trainer mixin: ``l1 * mean |FFN activation|`` added to the loss (ProSparse-style pressure towards exact
-    zeros) and, with a ``teacher``, the loss mixed with the KL divergence from the teacher's next-token
-    distribution."""
-
-    l1 = 0.0
-    teacher: nn.Module | None = None
-    distill = 0.0
-
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        acts: list[torch.Tensor] = []
-        handles = [m.register_forward_hook(lambda mod, i, o: acts.append(o.abs().mean()))
-                   for *_, m in ffn_activations(model)] if self.l1 > 0 else []
-        try:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        if self.teacher is not None and self.distill > 0:
-            with torch.no_grad():
-                target = self.teacher(input_ids=inputs["input_ids"]).logits.float().log_softmax(-1)
-            student = outputs.logits.float().log_softmax(-1)
-            kl = torch.nn.functional.kl_div(student.flatten(0, -2), target.flatten(0, -2), log_target=True,
-                                            reduction="batchmean")
-            loss = (1 - self.distill) * loss + self.distill * kl
-        if acts:
-            loss = loss + self.l1 * torch.stack(acts).mean()
-        return (loss, outputs) if return_outputs else loss
-
-
 def schedule_for(cfg: RelufyConfig) -> StochActSchedule:
-    """ReLU throughout (Swi+FT's fine-tune phase applied to a SiLU-pretrained model), or a StochA warm-up first."""
-    if not 0.0 <= cfg.stocha_fraction < 1.0:
-        raise ValueError(f"stocha_fraction must be in [0, 1), got {cfg.stocha_fraction}")
-    if cfg.stocha_fraction == 0.0:
-        return StochActSchedule([Stage(0, "relu")])
-    return StochActSchedule([Stage(0, "stochastic", p=cfg.p, ramp=True), Stage(cfg.stocha_fraction, "relu")])
+    """The relufy schedule of ``cfg`` (see :func:`hf_stochact.training.relufy.relufy_schedule`)."""
+    return relufy_schedule(cfg.stocha_fraction, cfg.p)
 
 
 def load_teacher(cfg: RelufyConfig) -> nn.Module | None:
@@ -180,7 +129,7 @@ def run(cfg: RelufyConfig) -> dict:
         warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=max(1, cfg.steps // 30), save_strategy="no",
         report_to=[], seed=cfg.seed, use_cpu=True, dataloader_num_workers=0, bf16=cfg.bf16,
     )
-    trainer_cls = type("RelufyTrainer", (_RelufyTrainer, Trainer),
+    trainer_cls = type("RelufyTrainer", (RelufyLoss, Trainer),
                        {"l1": cfg.l1, "teacher": teacher, "distill": cfg.distill})
     trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=callbacks)
     trainer.train()

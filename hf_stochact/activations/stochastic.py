@@ -11,10 +11,9 @@
 **``p`` is the probability of SiLU** (the paper's Figure 1: "SILU: p", "RELU: 1-p"). ``p = 0`` is ReLU;
 ``p = 1`` with the paper variant is *not* SiLU (positive inputs still pass as x).
 
-The two-way SiLU/ReLU draw is the fast path: a custom autograd Function that keeps only ``x`` (which SiLU keeps
-too) and a one-byte mask for backward, and draws its mask from 16-bit slices of 64-bit random words (4 draws
-per call into torch's generator instead of one slow float per element). ``p`` is therefore realised to
-1/65536; p = 0 and p = 1 are exact.
+The two-way SiLU/ReLU draw is the operator ``hf_stochact::silu_relu_draw`` (:mod:`hf_stochact.kernels`): the mask
+is a counter-based hash of a seed taken from torch's RNG and the element index, so backward regenerates it and
+keeps only ``x`` (which SiLU keeps too) and the 8-byte seed. ``p`` is realised to 2^-32; p = 0 and p = 1 are exact.
 """
 
 from __future__ import annotations
@@ -28,21 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 VARIANTS = ("paper", "blog")
-GRANULARITIES = ("element", "token", "tensor")
+GRANULARITIES = kernels.GRANULARITIES
 MEAN = "mean"
 _FAST_PAIR = frozenset({"relu", "silu"})
-_UINT16_LEVELS = 65536
-_U64 = 2**64 - 1
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-
-try:  # the compiled loops (hf_stochact/_kernels.c); without them the same math runs as torch ops
-    from . import _kernels
-except ImportError:  # pragma: no cover - depends on the install
-    _kernels = None
 
 
-def _check_probability(name: str, value: Any) -> float:
+def check_probability(name: str, value: Any) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -52,7 +45,19 @@ def _check_probability(name: str, value: Any) -> float:
     return value
 
 
-def _known_activations() -> list[str]:
+def _choices_dict(choices: Any) -> dict[str, Any]:
+    """``{name: probability}`` from a mapping or a sequence of (name, probability) pairs, in the given order."""
+    if isinstance(choices, Mapping):
+        return dict(choices)
+    try:
+        pairs = [(name, prob) for name, prob in choices]
+    except (TypeError, ValueError):
+        raise ValueError(f"choices must be a {{name: probability}} mapping or a list of [name, probability] pairs, "
+                         f"got {choices!r}") from None
+    return dict(pairs)
+
+
+def known_activations() -> list[str]:
     from transformers.activations import ACT2FN
 
     return sorted(k for k in ACT2FN if not k.startswith(("stochastic", "learnable_stoch", "gumbel_stoch")))
@@ -86,20 +91,20 @@ class StochasticSpec:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("p", _check_probability("p", self.p))
+        set_("p", check_probability("p", self.p))
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.choices is not None:
-            choices = dict(self.choices) if not isinstance(self.choices, Mapping) else dict(self.choices)
+            choices = _choices_dict(self.choices)
             if len(choices) < 2:
                 raise ValueError(f"choices needs at least two activations, got {choices!r}")
-            known = _known_activations()
+            known = known_activations()
             for name, prob in choices.items():
                 if name not in known:
                     raise ValueError(f"choices: unknown activation {name!r}; allowed: {', '.join(known)}")
-                _check_probability(f"choices[{name!r}]", prob)
+                check_probability(f"choices[{name!r}]", prob)
             total = sum(float(v) for v in choices.values())
             if abs(total - 1.0) > 1e-6:
                 raise ValueError(f"choices probabilities must sum to 1, got {total:.6g} for {choices!r}")
@@ -125,7 +130,7 @@ class StochasticSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["choices"] = None if self.choices is None else dict(self.choices)
+        d["choices"] = None if self.choices is None else [[k, v] for k, v in self.choices]  # order kept in JSON
         return d
 
     @classmethod
@@ -147,156 +152,9 @@ class StochasticSpec:
         return StochasticSpec.from_dict(merged)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Random draws
-
-
-def _mask_shape(x: torch.Tensor, granularity: str) -> tuple[int, ...]:
-    if granularity == "element":
-        return tuple(x.shape)
-    if granularity == "token":
-        return (*x.shape[:-1], 1) if x.dim() else ()
-    return (1,) * x.dim()
-
-
-def _uniform16(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    """int16 tensor of uniform draws over all 65536 values, 4 per 64-bit word of torch's generator."""
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64)
-    words.random_(-(2**63), None, generator=generator)  # the full 64-bit range: every 16-bit slice is uniform
-    return words.view(torch.int16)[:n].view(shape)
-
-
-def _threshold16(prob: float) -> int:
-    """r < threshold has probability round(prob * 65536) / 65536 for r uniform over int16."""
-    return round(prob * _UINT16_LEVELS) - _UINT16_LEVELS // 2
-
-
-def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A 64-bit seed for one draw, taken from torch's RNG (or ``generator``) and salted with the distributed rank.
-
-    Taking the seed from torch's RNG keeps ``torch.manual_seed`` reproducibility and makes gradient checkpointing
-    (which restores that RNG) redraw the same mask. Trainer seeds every rank identically; the rank salt gives each
-    rank its own masks, as independent data-parallel replicas should have.
-    """
-    seed = torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=generator).item() & _U64
-    rank = _rank()
-    return seed if rank == 0 else _splitmix64(seed ^ _splitmix64(rank))
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _U64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
-    return z ^ (z >> 31)
-
-
-def _seeded(seed: int, device) -> torch.Generator:
-    """A fresh generator on ``device`` seeded with ``seed`` (the torch-ops fallback's source of the mask)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed & (2**63 - 1))
-    return gen
-
-
-def bernoulli_mask(
-    shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, device: torch.device | None = None
-) -> torch.Tensor:
-    """Bool tensor, True with probability ``p`` (to 1/65536), drawn from torch's generator (or ``generator``)."""
-    if p <= 0.0:
-        return torch.zeros(shape, dtype=torch.bool, device=device)
-    if p >= 1.0:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    if device is not None and torch.device(device).type != "cpu":
-        return torch.rand(shape, generator=generator, device=device) < p
-    return _uniform16(shape, generator) < _threshold16(p)
-
-
-def categorical_draw(
-    shape: tuple[int, ...], probs: tuple[float, ...], generator: torch.Generator | None = None, device=None
-) -> torch.Tensor:
-    """uint8 tensor of indices into ``probs``, drawn per element (to 1/65536)."""
-    cumulative = torch.tensor(probs, dtype=torch.float64).cumsum(0)[:-1]
-    if device is not None and torch.device(device).type != "cpu":
-        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
-        return torch.bucketize(u, cumulative.to(device), right=True).to(torch.uint8)
-    bounds = torch.tensor([_threshold16(float(c)) for c in cumulative], dtype=torch.int16)
-    return torch.bucketize(_uniform16(shape, generator), bounds, right=True).to(torch.uint8)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The fast two-way path
-
-
 def _silu_excess(x: torch.Tensor) -> torch.Tensor:
     """SiLU(x) - ReLU(x) = SiLU(-|x|), with the limit 0 at +-inf (torch's SiLU gives NaN at -inf)."""
     return torch.nan_to_num(F.silu(-x.abs()), nan=0.0)
-
-
-def _draw_and_apply(x, p: float, negative_only: bool, granularity: str, generator):
-    """(output, bool mask of SiLU draws, the input as used: contiguous on the compiled path)."""
-    seed = draw_seed(generator)
-    if _fused_ok(x) and granularity == "element":
-        x = x.contiguous()
-        y = F.silu(x)
-        mask = torch.empty(x.shape, dtype=torch.bool)
-        _kernels.draw_blend(x.data_ptr(), y.data_ptr(), mask.data_ptr(), x.numel(), seed,
-                            round(p * _UINT16_LEVELS), negative_only, _DTYPE_CODES[x.dtype],
-                            torch.get_num_threads())
-    else:
-        mask = bernoulli_mask(_mask_shape(x, granularity), p, _seeded(seed, x.device), x.device)
-        if negative_only:
-            mask = mask & (x < 0)
-        y = torch.where(mask, F.silu(x), torch.relu(x))
-    return y, mask, x
-
-
-class _SiluReluDraw(torch.autograd.Function):
-    """y = SiLU(x) where the drawn bool mask m is True, ReLU(x) elsewhere (each branch exactly as torch computes it,
-    so NaN stays NaN, +inf stays +inf, and -inf gives SiLU's NaN or ReLU's 0 by the draw).
-
-    Saved for backward: x (SiLU saves it too) and m (1 byte per element; less at coarser granularity). Gradient:
-    SiLU'(x) where SiLU was drawn, ReLU'(x) elsewhere. With the compiled loops (CPU, float32/bfloat16, one draw per
-    element) the mask is drawn and applied in one pass over x; otherwise ``bernoulli_mask`` and torch ops do it.
-    """
-
-    @staticmethod
-    def forward(ctx, x, p: float, negative_only: bool, granularity: str, generator):
-        y, mask, x = _draw_and_apply(x, p, negative_only, granularity, generator)
-        ctx.save_for_backward(x, mask)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, mask = ctx.saved_tensors
-        if _fused_ok(x) and mask.shape == x.shape:
-            grad = grad.contiguous()
-            grad_x = torch.ops.aten.silu_backward(grad, x)
-            _kernels.blend_grad(x.data_ptr(), grad.data_ptr(), mask.data_ptr(), grad_x.data_ptr(), x.numel(),
-                                _DTYPE_CODES[x.dtype], torch.get_num_threads())
-            return grad_x, None, None, None, None
-        silu_grad = torch.ops.aten.silu_backward(grad, x)
-        relu_grad = torch.ops.aten.threshold_backward(grad, x, 0)
-        return torch.where(mask, silu_grad, relu_grad), None, None, None, None
-
-
-def _fused_ok(x: torch.Tensor) -> bool:
-    return _kernels is not None and x.device.type == "cpu" and x.dtype in _DTYPE_CODES and x.numel() > 0
-
-
-def silu_relu_draw(x: torch.Tensor, p: float, negative_only: bool = True, granularity: str = "element",
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw SiLU with probability ``p`` (else ReLU) per element (or token/tensor) of ``x`` and apply it.
-
-    ``negative_only=True`` is the paper's StochA (x >= 0 passes as x); False is the blog's sign-independent draw.
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _SiluReluDraw.apply(x, p, negative_only, granularity, generator)
-    return _draw_and_apply(x, p, negative_only, granularity, generator)[0]  # no graph: skip autograd bookkeeping
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,8 +170,9 @@ class StochasticActivation(nn.Module):
         choices: ``{name: probability}`` over ``ACT2FN`` names for a k-way draw (overrides ``p``).
         eval_mode: behaviour when not sampling: a candidate name (default ``"relu"``) or ``"mean"``.
         granularity: ``"element"`` (default), ``"token"`` or ``"tensor"``.
-        generator: optional ``torch.Generator``; by default torch's global RNG (``torch.manual_seed`` reproduces a
-            run, and gradient checkpointing, which restores the global RNG state, recomputes the same mask).
+        generator: optional ``torch.Generator`` for the draw's seed; by default torch's global RNG of the input's
+            device (``torch.manual_seed`` reproduces a run, and gradient checkpointing, which restores that RNG,
+            recomputes the same mask; a generator of your own is not rewound by checkpointing).
 
     Sampling happens in ``train()`` mode. In ``eval()`` mode the module is deterministic (``eval_mode``) unless
     ``sampling`` is set to True (generation uses this); ``sampling=False`` forces the deterministic path in
@@ -373,9 +232,10 @@ class StochasticActivation(nn.Module):
         s = self._spec
         if not self.is_sampling:
             return self._deterministic(x)
+        seed = kernels.new_seed(x.device, self.generator)
         if s.choices is None:
-            return silu_relu_draw(x, s.p, s.variant == "paper", s.granularity, self.generator)
-        return self._k_way(x)
+            return kernels.silu_relu_draw(x, seed, s.p, s.variant == "paper", s.granularity)
+        return self._k_way(x, seed)
 
     def _region(self, x: torch.Tensor) -> torch.Tensor | None:
         return (x < 0) if self._spec.variant == "paper" else None
@@ -397,10 +257,14 @@ class StochasticActivation(nn.Module):
         region = self._region(x)
         return y if region is None else torch.where(region, y, x)
 
-    def _k_way(self, x: torch.Tensor) -> torch.Tensor:
+    def _k_way(self, x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
         s = self._spec
-        generator = _seeded(draw_seed(self.generator), x.device)
-        index = categorical_draw(_mask_shape(x, s.granularity), s.probabilities, generator, x.device)
+        cumulative, total = [], 0.0
+        for prob in s.probabilities[:-1]:
+            total += prob
+            cumulative.append(kernels.threshold(total))
+        index = kernels.categorical(seed, kernels.mask_shape(tuple(x.shape), s.granularity), tuple(cumulative),
+                                    x.device)
         region = self._region(x)
         y = x if region is not None else torch.zeros_like(x)
         for k, name in enumerate(s.candidates):

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from . import generation  # noqa: F401  (generate accepts stochastic_activation once hf_stochact is imported)
+from .. import integration  # noqa: F401  (generate accepts stochastic_activation once installed)
 from .loading import load_causal_lm
 
 

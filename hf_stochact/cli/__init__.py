@@ -9,15 +9,15 @@ import sys
 
 # command: (module with a <Name>Config dataclass and run(cfg), config class name, help)
 COMMANDS = {
-    "demo": ("hf_stochact.demo", "DemoConfig",
+    "demo": ("hf_stochact.cli.demo", "DemoConfig",
              "train a small Llama on CPython's stdlib with StochA+FT and report perplexity and FFN sparsity"),
-    "relufy": ("hf_stochact.relufy", "RelufyConfig",
+    "relufy": ("hf_stochact.cli.relufy", "RelufyConfig",
                "fine-tune a pretrained SiLU model into a sparse ReLU model (e.g. SmolLM2-135M from a GGUF file)"),
-    "bench": ("hf_stochact.bench", "BenchConfig",
+    "bench": ("hf_stochact.cli.bench", "BenchConfig",
               "dense vs sparse FFN speed on this CPU: MLP microbenchmarks, or decode tokens/s of --model"),
-    "sparsity": ("hf_stochact.analyze", "SparsityConfig",
+    "sparsity": ("hf_stochact.cli.sparsity", "SparsityConfig",
                  "per-layer FFN sparsity of a model on real text: exact zeros, magnitude, CETT, reuse across tokens"),
-    "generate": ("hf_stochact.generate_cli", "GenerateConfig",
+    "generate": ("hf_stochact.cli.generate", "GenerateConfig",
                  "print k completions of a prompt with stochastic activations (diverse even when greedy)"),
 }
 

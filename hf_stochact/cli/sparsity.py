@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .loading import load_causal_lm
-from .metrics import sparsity_report
+from ..analysis.metrics import sparsity_report
 from .relufy import RelufyConfig, eval_ids
 
 

@@ -1,6 +1,7 @@
-"""Measuring FFN activation sparsity.
+"""Measuring FFN activation sparsity and perplexity.
 
-``SparsityMonitor`` hooks the FFN activation modules of a model (found by :func:`ffn_activations`) and counts the
+``SparsityMonitor`` hooks the FFN activation modules of a model (found by :func:`~hf_stochact.layouts.find_mlps`)
+and counts the
 exact zeros of their outputs. In a gated MLP (``down(act(gate(x)) * up(x))``) a zero activation output is a zero
 hidden element whose row of ``up`` and column of ``down`` a sparse kernel may skip.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .registry import FFN_ACTIVATION_ATTRS, ffn_activations
+from ..layouts import down_rows, find_mlps
 
 
 @dataclass
@@ -55,7 +56,7 @@ class SparsityMonitor:
         self.stats = SparsityStats()
         self._handles: list = []
         self._calls: dict[str, int] = {}
-        if not ffn_activations(model):
+        if not find_mlps(model):
             raise ValueError(f"{type(model).__name__} has no FFN activation module to monitor")
 
     def _hook(self, path: str):
@@ -77,8 +78,8 @@ class SparsityMonitor:
         """Hook the model's current FFN activation modules (again after a swap: detach first). Idempotent."""
         if self._handles:
             return self
-        found = ffn_activations(self.model)
-        self._handles = [module.register_forward_hook(self._hook(path)) for path, _, _, module in found]
+        self._handles = [mlp.activation.register_forward_hook(self._hook(mlp.activation_path))
+                         for mlp in find_mlps(self.model)]
         return self
 
     def detach(self) -> None:
@@ -91,6 +92,27 @@ class SparsityMonitor:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> tuple[float, dict[str, float]]:
+    """(perplexity over the token ``windows`` [N, T], per-layer exact-zero FFN sparsity), in eval mode."""
+    import math
+
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        with SparsityMonitor(model) as monitor:
+            for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+                out = model(input_ids=w[None], labels=w[None])
+                nll += float(out.loss) * (len(w) - 1)
+                count += len(w) - 1
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count), monitor.stats.per_layer()
 
 
 @torch.no_grad()
@@ -107,31 +129,8 @@ def measure_sparsity(model: nn.Module, input_ids: torch.Tensor, batch_size: int 
 
 
 def _down_projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, down projection) of every FFN: the layer that consumes the FFN hidden (found by name, not family)."""
-    from .sparse import PLAIN_DOWN_NAMES
-
-    found = []
-    for path, module in model.named_modules():
-        if not any(module._modules.get(a) is not None for a in FFN_ACTIVATION_ATTRS):
-            continue
-        for name in PLAIN_DOWN_NAMES:
-            child = module._modules.get(name)
-            if child is not None and hasattr(child, "weight"):
-                found.append((f"{path}.{name}" if path else name, child))
-                break
-    return found
-
-
-def _column_norms(down: nn.Module) -> torch.Tensor:
-    """||W_down[:, i]|| for each hidden neuron i (nn.Linear weight [d, d_ff]; GPT-2 Conv1D weight [d_ff, d])."""
-    w = down.weight.detach().float()
-    return w.norm(dim=0) if isinstance(down, nn.Linear) else w.norm(dim=1)
-
-
-def _down_matrix(down: nn.Module) -> torch.Tensor:
-    """W_down as [d_ff, d] float32 (so that FFN output = h @ W)."""
-    w = down.weight.detach().float()
-    return w.t() if isinstance(down, nn.Linear) else w
+    """(path, down projection) of every FFN: the layer that consumes the FFN hidden."""
+    return [(f"{m.path}.{m.layout.down}" if m.path else m.layout.down, m.down) for m in find_mlps(model, need="down")]
 
 
 @torch.no_grad()
@@ -200,7 +199,7 @@ def sparsity_report(model: nn.Module, input_ids: torch.Tensor, target_cett: floa
     n_seq, seq_len = input_ids.shape
     report = {}
     for path, h in hidden.items():
-        w = _down_matrix(downs[path])
+        w = down_rows(downs[path]).detach().float()
         eps = cett_threshold(h, w, target_cett)
         cett_active = (h.abs() * w.norm(dim=1)) >= eps
         nonzero = h != 0

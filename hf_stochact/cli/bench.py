@@ -10,6 +10,7 @@ Speed is reported only as ratios measured side by side; the ideal for a dense ga
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import time
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .loading import load_causal_lm
-from .sparse import sparsify, unsparsify
+from ..inference.sparse import sparsify, unsparsify
 
 
 @dataclasses.dataclass
@@ -94,11 +95,10 @@ def microbench(cfg: BenchConfig, progress=print) -> list[dict]:
                 mlps = [make_mlp(d, d_ff, s, x, dtype, seed=i) for i in range(copies)]
                 measured_s = float((mlps[0].act_fn(mlps[0].gate_proj(x)) == 0).all(0).float().mean())
                 dense_ref = [m(x) for m in mlps]
-                for m in mlps:
-                    sparsify(m, max_tokens=max(cfg.tokens, 1), max_density=1.0)
-                err = max(float((m(x) - r).abs().max() / r.abs().max()) for m, r in zip(mlps, dense_ref))
-                # both paths are called as bound forwards: the sparsified instance forward and the original one
-                calls = {"dense": [m._hf_sparse["dense_forward"] for m in mlps], "sparse": [m.forward for m in mlps]}
+                # the sparse side gets its own copies (sparsify stores W_down transposed; dense keeps the stock layout)
+                sparse = [sparsify(copy.deepcopy(m), max_tokens=max(cfg.tokens, 1), max_density=1.0) for m in mlps]
+                err = max(float((m(x) - r).abs().max() / r.abs().max()) for m, r in zip(sparse, dense_ref))
+                calls = {"dense": mlps, "sparse": sparse}
                 t = {"dense": [], "sparse": []}
                 for _ in range(cfg.rounds):
                     for name, fns in calls.items():
@@ -110,7 +110,7 @@ def microbench(cfg: BenchConfig, progress=print) -> list[dict]:
                 rows.append(row)
                 progress(f"{shape:>11} {dtype_name:>8} s={measured_s:.2f}: dense {dense_ms:7.3f} ms, sparse "
                          f"{sparse_ms:7.3f} ms, {row['speedup']:.2f}x (ideal {row['ideal']:.2f}x), rel.err {err:.1e}")
-                del mlps
+                del mlps, sparse
     return rows
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import _seeded, draw_seed
+from .. import kernels
 
 GUMBEL_EVAL_MODES = ("argmax", "mean", "sample")
 
@@ -113,8 +113,7 @@ class GumbelStochActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logit = self.gate(x)
         if self.training or self.eval_mode == "sample":
-            gen = _seeded(draw_seed(self.generator), x.device)
-            u = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32).clamp_(1e-6, 1 - 1e-6)
+            u = kernels.uniform(kernels.new_seed(x.device, self.generator), tuple(x.shape), x.device)
             noise = (torch.log(u) - torch.log1p(-u)).to(x.dtype)  # difference of two Gumbels = logistic noise
             soft = torch.sigmoid((logit + noise) / self.temperature)
             hard = (soft > 0.5).to(x.dtype)

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
+from ..activations import StochasticSpec
+from ..analysis.metrics import measure_sparsity
+from ..inference.sparse import sparse_stats, sparsify, unsparsify
+from ..integration.config import CONFIG_KEY, stochastic_modules
+from ..layouts import ffn_activations
+from ..training.schedule import StochActSchedule, set_activation
 from . import data
-from .activations import StochasticSpec
-from .metrics import measure_sparsity
-from .registry import CONFIG_KEY, ffn_activations, stochastic_modules
-from .schedule import StochActSchedule, set_activation
-from .sparse import sparse_stats, sparsify, unsparsify
 
 
 @dataclass

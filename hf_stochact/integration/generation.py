@@ -28,16 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import (
-    StochasticActivation,
-    _check_probability,
-    _mask_shape,
-    _seeded,
-    bernoulli_mask,
-    draw_seed,
-    silu_relu_draw,
-)
-from .registry import ffn_activations
+from .. import kernels
+from ..activations import StochasticActivation
+from ..activations.stochastic import check_probability
+from ..layouts import find_mlps
 
 #: p (probability of keeping the model's own activation) used for stock-activation models when none is given.
 DEFAULT_STOCK_P = 0.9
@@ -45,7 +39,9 @@ GENERATION_KEYS = ("stochastic_activation", "stochastic_p")
 
 
 def _is_silu(module: nn.Module) -> bool:
-    return isinstance(module, nn.SiLU) or type(module).__name__ in {"SiLUActivation", "SiLU"}
+    from transformers.activations import SiLUActivation
+
+    return isinstance(module, (nn.SiLU, SiLUActivation))
 
 
 def _own_or_relu_hook(p: float):
@@ -53,7 +49,7 @@ def _own_or_relu_hook(p: float):
 
     def hook(module, inputs, output):
         x = inputs[0]
-        keep = bernoulli_mask(_mask_shape(x, "element"), p, _seeded(draw_seed(), x.device), x.device)
+        keep = kernels.bernoulli(kernels.new_seed(x.device), tuple(x.shape), kernels.threshold(p), x.device)
         return torch.where(keep, output, torch.relu(x))
 
     return hook
@@ -66,7 +62,10 @@ def _switch_stock(module: nn.Module, p: float):
     activation keeps its forward and a hook swaps a random 1 - p of its outputs for ReLU(x).
     """
     if _is_silu(module):
-        module.forward = functools.partial(silu_relu_draw, p=p, negative_only=False)
+        def draw(x):
+            return kernels.silu_relu_draw(x, kernels.new_seed(x.device), p, negative_only=False)
+
+        module.forward = draw
         return functools.partial(delattr, module, "forward")
     return module.register_forward_hook(_own_or_relu_hook(p)).remove
 
@@ -86,15 +85,15 @@ def stochastic_decoding(model: nn.Module, p: float | None = None) -> Iterator[in
         ValueError: ``p`` outside [0, 1], or no FFN activation module in ``model``.
     """
     if p is not None:
-        p = _check_probability("stochastic_p", p)
-    found = ffn_activations(model)
+        p = check_probability("stochastic_p", p)
+    found = find_mlps(model)
     if not found:
         raise ValueError(f"stochastic_activation=True, but {type(model).__name__} has no FFN activation module "
                          "(looked for activation modules under act_fn / act / activation_fn / intermediate_act_fn / "
                          "activation)")
     restore = []
     try:
-        for _, _, _, module in found:
+        for module in (mlp.activation for mlp in found):
             if isinstance(module, StochasticActivation):
                 saved = (module.sampling, module.spec)
                 restore.append(functools.partial(_restore_stochastic, module, *saved))
@@ -159,6 +158,12 @@ def install() -> None:
     """Wrap ``GenerationMixin.generate`` (idempotent). Called on ``import hf_stochact``."""
     from transformers.generation.utils import GenerationMixin
 
+    # the wrapper pops its keywords because generate() rejects unknown model kwargs in _validate_model_kwargs
+    if not (callable(getattr(GenerationMixin, "generate", None)) and hasattr(GenerationMixin, "_validate_model_kwargs")):
+        import transformers
+
+        raise ImportError(f"hf_stochact cannot hook transformers {transformers.__version__}: "
+                          "GenerationMixin.generate / _validate_model_kwargs moved. Supported: transformers >= 5.0, < 6.")
     if not getattr(GenerationMixin.generate, "_hf_stochact", False):
         GenerationMixin.generate = _wrap_generate(GenerationMixin.generate)
 
@@ -174,6 +179,6 @@ def set_generation_defaults(model: nn.Module, stochastic_activation: bool = True
     """
     config = model.generation_config
     config.stochastic_activation = bool(stochastic_activation)
-    config.stochastic_p = None if stochastic_p is None else _check_probability("stochastic_p", stochastic_p)
+    config.stochastic_p = None if stochastic_p is None else check_probability("stochastic_p", stochastic_p)
     config._from_model_config = False
     return config

@@ -1,0 +1,1 @@
+"""Inference: ``sparsify`` (exact sparse ReLU FFNs for CPU decoding)."""

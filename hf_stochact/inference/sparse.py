@@ -1,0 +1,256 @@
+"""Exact sparse ReLU FFNs for CPU decoding: ``hf_stochact.sparsify(model)``.
+
+With ReLU (or ReLU²) on the gate, a hidden neuron whose gate pre-activation is <= 0 is exactly zero, so its row of
+``W_up`` and its column of ``W_down`` are not needed. For the few tokens of a decode step, the sparse path computes
+the gate densely, takes the union of active neurons over the tokens and reads only those rows of ``W_up`` and of
+``W_down``ᵀ, in one operator call (``hf_stochact::sparse_gated_mlp``; C loops on CPU, no gathered copy). Plain
+MLPs (GPT-2, OPT, ...) get ``hf_stochact::sparse_down`` on their down projection, whose input is the post-ReLU
+hidden. The result equals the dense computation up to float summation order.
+
+How a model is converted (FFNs found through :func:`hf_stochact.layouts.find_mlps`):
+
+* Each gated MLP is replaced in its parent by a :class:`SparseMLP`, each plain MLP's down projection by a
+  :class:`SparseDownProjection`. The wrapper *shares* the original's children, parameters and buffers: the state
+  dict, ``save_pretrained`` output and any hooks on the children are unchanged, and no ``forward`` is overwritten.
+  An accelerate hook on the wrapped module itself is applied around the wrapper's call. :func:`unsparsify` puts
+  the original modules back.
+* ``W_down`` is stored once, in the layout the loops read (rows of neurons contiguous): the ``nn.Linear`` keeps a
+  transposed *view* of it (``weight.t()``), so there is no second copy and in-place weight updates reach both.
+  :func:`unsparsify` restores the contiguous layout.
+* Every call decides afresh: the dense path (the original module's own forward) runs for more than ``max_tokens``
+  tokens (prefill, large batches), while autograd records, on non-CPU devices, for weights the loops cannot read
+  (tensor subclasses such as quantized or DTensor weights, float16, non-contiguous), when the FFN activation is
+  no longer ReLU/ReLU² (changed after sparsify), and inside the operator when more than ``max_density`` of the
+  neurons are active. Per-call state only (no scratch buffer on the module): safe with many threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..kernels.ops import _plain
+from ..layouts import MLP, down_rows, find_mlps, relu_kind
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """When the sparse path runs (else the dense fallback).
+
+    Args:
+        max_tokens: at most this many tokens per call (decode steps, small batches), in [1, 16]; more -> dense.
+        max_density: at most this fraction of neurons active in the union over the tokens, in [0, 1]; more ->
+            dense. The sparse loops break even with the dense MLP at about 75% active neurons (float32, one token,
+            576x1536 on a 2-core Xeon; larger MLPs gain earlier: docs/sparse_inference.md).
+
+    Raises:
+        ValueError: either value out of range (the message names it and the range).
+    """
+
+    max_tokens: int = 4
+    max_density: float = 0.7
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or \
+                not 1 <= self.max_tokens <= kernels.MAX_TOKENS:
+            raise ValueError(f"max_tokens must be an integer in [1, {kernels.MAX_TOKENS}], got {self.max_tokens!r}")
+        if isinstance(self.max_density, bool) or not isinstance(self.max_density, (int, float)) or \
+                not 0.0 <= self.max_density <= 1.0:
+            raise ValueError(f"max_density must be a number in [0, 1], got {self.max_density!r}")
+
+
+class _CallCounter:
+    """Counts sparse and dense calls (eager only: compiled graphs do not count)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts = {"sparse": 0, "dense": 0}
+
+    def add(self, key: str) -> None:
+        if torch.compiler.is_compiling():
+            return
+        with self._lock:
+            self.counts[key] += 1
+
+
+def _needs_grad(module: nn.Module, x: torch.Tensor) -> bool:
+    """The loops have no backward: while autograd records (training), stay on the dense path."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+class _Wrapper(nn.Module):
+    """Stands in for ``original`` in its parent, sharing its children, parameters and buffers (same state-dict keys,
+    same hooks on the children). ``original`` itself is held outside the module tree; its class's ``forward`` is the
+    dense path, and an accelerate hook on it (``_hf_hook``) is applied around the wrapper's call."""
+
+    def __init__(self, original: nn.Module, config: SparseConfig):
+        super().__init__()
+        self._modules = original._modules
+        self._parameters = original._parameters
+        self._buffers = original._buffers
+        self._non_persistent_buffers_set = original._non_persistent_buffers_set
+        object.__setattr__(self, "original", original)
+        self.config = config
+        self.counter = _CallCounter()
+        self.training = original.training
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.original.training = mode
+        return self
+
+    def dense(self, *args: Any) -> Any:
+        self.counter.add("dense")
+        return type(self.original).forward(self.original, *args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hook = getattr(self.original, "_hf_hook", None)
+        if hook is not None:
+            (x,), _ = hook.pre_forward(self.original, x)
+        y = self.sparse_or_dense(x)
+        return y if hook is None else hook.post_forward(self.original, y)
+
+    def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{type(self.original).__name__}, max_tokens={self.config.max_tokens}, " \
+               f"max_density={self.config.max_density}"
+
+
+class SparseMLP(_Wrapper):
+    """A gated ReLU/ReLU² FFN (gate/up/down, or a fused gate_up) whose decode steps read only active neurons."""
+
+    def __init__(self, mlp: MLP, config: SparseConfig):
+        super().__init__(mlp.module, config)
+        self.mlp = MLP(mlp.path, self, mlp.layout)  # the same layout, read through the shared children
+
+    def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
+        act = relu_kind(self.mlp.activation)  # read every call: an activation changed after sparsify goes dense
+        shape = x.shape
+        if act is None or x.numel() > self.config.max_tokens * shape[-1] or x.device.type != "cpu" \
+                or _needs_grad(self, x):
+            return self.dense(x)
+        w_gate, b_gate, w_up, b_up = self.mlp.gate_up()
+        down = self.mlp.down
+        w_down_t = down_rows(down)
+        if not (_plain(w_gate, b_gate, w_up, b_up, w_down_t, down.bias) and w_gate.is_contiguous()
+                and w_up.is_contiguous() and w_down_t.is_contiguous()):
+            return self.dense(x)
+        y, k = kernels.sparse_gated_mlp(x.reshape(-1, shape[-1]), w_gate, b_gate, w_up, b_up, w_down_t, down.bias,
+                                        act, self.config.max_density)
+        self.counter.add("sparse" if torch.compiler.is_compiling() or int(k) >= 0 else "dense")
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class SparseDownProjection(_Wrapper):
+    """The down projection of a plain ReLU FFN (input = the post-activation hidden): reads only rows of non-zero
+    inputs. ``wrapped`` (the original projection) lets :func:`~hf_stochact.layouts.find_mlps` still see it."""
+
+    def __init__(self, mlp: MLP, config: SparseConfig):
+        super().__init__(mlp.down, config)
+        self.mlp = mlp
+
+    @property
+    def wrapped(self) -> nn.Module:
+        return self.original
+
+    def sparse_or_dense(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        if relu_kind(self.mlp.activation) is None or h.numel() > self.config.max_tokens * shape[-1] \
+                or h.device.type != "cpu" or _needs_grad(self, h):
+            return self.dense(h)
+        w_t = down_rows(self.original)
+        if not (_plain(w_t, self.original.bias) and w_t.is_contiguous()):
+            return self.dense(h)
+        y, k = kernels.sparse_down(h.reshape(-1, shape[-1]), w_t, self.original.bias, self.config.max_density)
+        self.counter.add("sparse" if torch.compiler.is_compiling() or int(k) >= 0 else "dense")
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def _rows_layout(layer: nn.Module) -> bool:
+    """Give an ``nn.Linear`` down projection the loops' layout ([d_ff, d] rows contiguous; the module sees a
+    transposed view). Returns whether the layout changed (only plain CPU float32/bfloat16 weights are touched)."""
+    if not isinstance(layer, nn.Linear) or not _plain(layer.weight) or layer.weight.t().is_contiguous():
+        return False
+    with torch.no_grad():
+        layer.weight.data = layer.weight.detach().t().contiguous().t()
+    return True
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def sparsify(model: nn.Module, config: SparseConfig | None = None, **kwargs: Any) -> nn.Module:
+    """Convert in place every ReLU/ReLU² FFN of ``model`` to the exact sparse decode path. Returns ``model`` (for a
+    bare MLP module, which has no parent to put a wrapper into, the wrapper: use the return value).
+
+    Args:
+        model: a transformers model, or a single MLP module.
+        config: a :class:`SparseConfig`; keyword arguments (``max_tokens``, ``max_density``) build one.
+
+    Raises:
+        ValueError: if no FFN with a ReLU-family activation and a down projection is found (the message lists the
+            activations found), or on bad config values.
+    """
+    cfg = config or SparseConfig(**kwargs)
+    mlps = find_mlps(model, need="down")
+    relu = [m for m in mlps if relu_kind(m.activation) is not None]
+    if not relu:
+        kinds = sorted({type(m.activation).__name__ for m in find_mlps(model)})
+        raise ValueError(f"sparsify: no FFN with a ReLU or ReLU² activation in {type(model).__name__} (FFN "
+                         f"activations found: {', '.join(kinds) or 'none'}). Fine-tune to ReLU first, e.g. with "
+                         "StochActSchedule or `hf-stochact relufy`.")
+    for mlp in relu:
+        if isinstance(mlp.module, SparseMLP) or isinstance(mlp.down, SparseDownProjection):
+            continue  # already sparsified
+        if mlp.layout.gated:
+            wrapper: _Wrapper = SparseMLP(mlp, cfg)
+            target = mlp.path
+        else:
+            wrapper = SparseDownProjection(mlp, cfg)
+            target = f"{mlp.path}.{mlp.layout.down}" if mlp.path else mlp.layout.down
+        wrapper.relaid = _rows_layout(mlp.down if mlp.layout.gated else wrapper.original)
+        if not target:
+            return wrapper
+        _replace(model, target, wrapper)
+    return model
+
+
+def _wrappers(model: nn.Module) -> list[tuple[str, _Wrapper]]:
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, _Wrapper)]
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Undo :func:`sparsify`: the original modules back in place, ``W_down`` back in its contiguous layout.
+    Returns ``model`` (for a bare wrapper, the original module)."""
+    for path, wrapper in _wrappers(model):
+        if wrapper.relaid:
+            down = wrapper.mlp.down if isinstance(wrapper, SparseMLP) else wrapper.original
+            with torch.no_grad():
+                down.weight.data = down.weight.detach().contiguous()
+        wrapper.original.training = wrapper.training
+        if not path:
+            return wrapper.original
+        _replace(model, path, wrapper.original)
+    return model
+
+
+def sparse_stats(model: nn.Module) -> dict[str, int]:
+    """How many FFN calls took the sparse path and how many the dense one, summed over the model (eager calls)."""
+    total = {"sparse": 0, "dense": 0}
+    for _, wrapper in _wrappers(model):
+        for key, value in wrapper.counter.counts.items():
+            total[key] += value
+    return total
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return bool(_wrappers(model))

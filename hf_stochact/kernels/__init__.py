@@ -1,0 +1,117 @@
+"""Kernels: the ``hf_stochact::*`` PyTorch operators and the device dispatch in front of them.
+
+* CPU: the operators, whose CPU kernels are the C loops (``kernels/csrc/kernels.c``) and which have fake kernels,
+  so ``torch.compile`` traces through them without graph breaks.
+* Any other device (CUDA, MPS, XPU, meta, ...): the same math as torch ops (:mod:`.reference`), called directly so
+  that under ``torch.compile`` inductor fuses the draw into one kernel per direction; a Triton kernel for a device
+  would be registered on the operator and routed here, in :func:`silu_relu_draw`.
+
+Randomness is counter-based (:mod:`.reference`): a draw is a pure function of a seed tensor taken from torch's RNG
+(:func:`new_seed`) and the element index, identical on every device and thread count, and regenerated in
+backward rather than stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from . import ops, reference
+from .ops import MAX_TOKENS, c_loops_active
+from .reference import GRANULARITIES, bernoulli, categorical, mask_shape, threshold, uniform
+
+__all__ = [
+    "GRANULARITIES",
+    "MAX_TOKENS",
+    "bernoulli",
+    "built",
+    "c_loops_active",
+    "categorical",
+    "mask_shape",
+    "new_seed",
+    "silu_relu_draw",
+    "sparse_down",
+    "sparse_gated_mlp",
+    "threshold",
+    "torch_only",
+    "uniform",
+]
+
+_SEED_HIGH = 2**62
+_U64 = 2**64 - 1
+
+
+def built() -> bool:
+    """Whether the C loops were compiled at install time (else every CPU kernel runs its torch implementation)."""
+    return ops._C is not None
+
+
+@contextlib.contextmanager
+def torch_only() -> Iterator[None]:
+    """In this thread, run every operator's torch implementation instead of the C loops (tests, benchmarks)."""
+    previous = ops.SWITCH.use_c
+    ops.SWITCH.use_c = False
+    try:
+        yield
+    finally:
+        ops.SWITCH.use_c = previous
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def _rank_salt() -> int:
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return 0 if rank == 0 else _splitmix64(rank) % _SEED_HIGH
+
+
+def new_seed(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A 0-dim int64 seed on ``device``, drawn from torch's RNG (or ``generator``), salted with the distributed rank.
+
+    Drawing from torch's RNG keeps ``torch.manual_seed`` reproducibility and makes gradient checkpointing (which
+    restores that RNG) redraw the same seed, hence the same mask. Data-parallel ranks are seeded identically by the
+    Trainer; the rank salt gives each rank its own masks, as independent replicas should have.
+    """
+    if generator is not None:
+        seed = torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=generator.device, generator=generator)
+        seed = seed.to(device)
+    else:
+        seed = torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
+    salt = _rank_salt()
+    return seed if salt == 0 else seed ^ salt
+
+
+def silu_relu_draw(x: torch.Tensor, seed: torch.Tensor, p: float, negative_only: bool = True,
+                   granularity: str = "element") -> torch.Tensor:
+    """SiLU(x) with probability ``p`` (to 2^-32), else ReLU(x), drawn per element / token / tensor from ``seed``.
+
+    ``negative_only=True`` is the paper's StochA (x >= 0 passes as x); False is the blog's sign-independent draw.
+    Differentiable; backward saves only ``x`` and the seed.
+    """
+    t = threshold(p)
+    if granularity == "element" and x.device.type == "cpu":
+        return torch.ops.hf_stochact.silu_relu_draw(x, seed, t, negative_only)
+    return reference.SiluReluDraw.apply(x, seed, t, negative_only, granularity)
+
+
+def sparse_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up: torch.Tensor,
+                     b_up: torch.Tensor | None, w_down_t: torch.Tensor, b_down: torch.Tensor | None, act: int,
+                     max_density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, k)`` for a gated ReLU (``act=0``) or ReLU² (``act=1``) FFN on ``x`` [T, d], reading only the rows of
+    ``w_up`` and ``w_down_t`` (= W_downᵀ, [d_ff, d_out]) of neurons active for some token; k = number of active
+    neurons, or -1 where more than ``max_density * d_ff`` were active and the FFN was finished densely."""
+    return torch.ops.hf_stochact.sparse_gated_mlp(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max_density)
+
+
+def sparse_down(h: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None,
+                max_density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, k)`` for ``y = h @ w_t + bias`` (``w_t`` [d_in, d_out]) reading only rows where some token of ``h``
+    [T, d_in] is non-zero; k as in :func:`sparse_gated_mlp`."""
+    return torch.ops.hf_stochact.sparse_down(h, w_t, bias, max_density)

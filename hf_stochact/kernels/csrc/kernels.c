@@ -1,0 +1,430 @@
+/*
+ * hf_stochact.kernels._C: the CPU loops behind the hf_stochact::* operators (hf_stochact/kernels/ops.py).
+ *
+ * Plain CPython extension (no torch headers, so `pip install` needs no torch at build time). The functions here
+ * are called only from the operators' CPU implementations, which check every tensor first (plain strided CPU
+ * storage, dtype, contiguity, sizes) and pass its data pointer; no pointer is ever taken anywhere else.
+ *
+ * 1. The SiLU/ReLU draw (StochA). The mask is a pure function of a 64-bit seed and the element index:
+ *
+ *      u(i)  = mix32(mix32(lo32(i) ^ k0) ^ (k1 + hi32(i)))       k0, k1 = low / high 32 bits of the seed
+ *      m(i)  = u(i) < threshold  [& x(i) < 0 for the paper variant]    threshold = round(p * 2^32)
+ *
+ *    with mix32 the "lowbias32" integer hash (C. Wellons). The same formula in torch ops
+ *    (hf_stochact/kernels/reference.py) gives bit-identical masks on any device, and backward regenerates the
+ *    mask from the seed instead of storing it: a stochastic FFN saves for backward exactly what SiLU saves (x).
+ *
+ *      draw_forward:   y[i]  = m(i) ? y[i] : relu(x[i])          (y holds SiLU(x) on entry)
+ *      draw_backward:  gx[i] = m(i) ? gx[i] : (x[i] <= 0 ? 0 : g[i])   (gx holds SiLU'(x) * g on entry)
+ *
+ * 2. The sparse ReLU FFN of a decode step: only the rows of active neurons are read, straight from the weights,
+ *    with no gathered copy (large gathered copies page-fault on every call: BASELINE.md).
+ *
+ *      sparse_gated_mlp:  g = act(Wg x + bg) densely, idx = union over tokens of {i : g[t, i] != 0},
+ *                         h = g[:, idx] * (Wu[idx] x + bu[idx]),  y = h WdT[idx] + bd
+ *      sparse_down:       idx = union of {i : h[t, i] != 0},  y = h[:, idx] WT[idx] + b
+ *
+ *    Both return k = |idx|, or -1 when k exceeds max_active (the caller finishes densely; the gate is left in g).
+ *    Scratch memory is allocated per call: no state is shared between calls or threads.
+ *
+ * x, h, g, y, biases: float32. Weights: float32 (dtype 0) or bfloat16 (dtype 1), rows contiguous.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Portability: OpenMP pragmas are ignored where setup.py found no OpenMP; prefetch and `omp simd` hints are
+ * GCC/Clang spellings, empty elsewhere (MSVC). */
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#define PRAGMA_SIMD _Pragma("omp simd")
+#else
+#define PREFETCH(p) ((void)0)
+#define PRAGMA_SIMD
+#endif
+
+/* Compile the hot loops for several x86 levels and pick one at load time (ifunc, GCC on x86-64 Linux only):
+ * the 32-bit multiplies of the hash and the selects vectorise with AVX-512 / AVX2; other CPUs get the portable
+ * build. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+#define PARALLEL_MIN (1 << 16) /* below this many elements one thread is faster than waking a team */
+#define MAX_T 16               /* tokens per sparse call */
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Branch-free selects on bit patterns (the mask is random: branches would mispredict half the time).
+ * sel(m, a, b) = m ? a : b for m in {0, 1}. */
+static inline uint32_t sel32(uint32_t m, uint32_t a, uint32_t b) { return (a & (0u - m)) | (b & (m - 1u)); }
+static inline uint16_t sel16(uint32_t m, uint16_t a, uint16_t b) { return (uint16_t)sel32(m, a, b); }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * 1. The draw */
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline uint32_t bits32(uint32_t k0, uint32_t k1, uint64_t i) {
+    return mix32(mix32((uint32_t)i ^ k0) ^ (k1 + (uint32_t)(i >> 32)));
+}
+
+/* m(i) as 0/1: all = threshold >= 2^32 (p = 1), t32 = threshold otherwise */
+#define DRAW(i) ((uint32_t)(all | (bits32(k0, k1, (uint64_t)(i)) < t32)))
+
+MULTIVERSION static void draw_forward_f32(const float *x, float *y, Py_ssize_t n, uint32_t k0, uint32_t k1,
+                                          uint32_t all, uint32_t t32, int negative_only, int nthreads) {
+    const uint32_t *xb = (const uint32_t *)x;
+    uint32_t *yb = (uint32_t *)y;
+#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        float xi = x[i];
+        uint32_t m = DRAW(i) & (negative_only ? (uint32_t)(xi < 0.0f) : 1u);
+        uint32_t keep = (uint32_t)(xi > 0.0f) | (uint32_t)(xi != xi); /* relu keeps x > 0 and NaN, else +0 */
+        yb[i] = sel32(m, yb[i], xb[i] & (0u - keep));
+    }
+}
+
+MULTIVERSION static void draw_forward_bf16(const uint16_t *x, uint16_t *y, Py_ssize_t n, uint32_t k0, uint32_t k1,
+                                           uint32_t all, uint32_t t32, int negative_only, int nthreads) {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        float xf = bf16_to_f32(x[i]);
+        uint32_t m = DRAW(i) & (negative_only ? (uint32_t)(xf < 0.0f) : 1u);
+        uint32_t keep = (uint32_t)(xf > 0.0f) | (uint32_t)(xf != xf);
+        y[i] = sel16(m, y[i], (uint16_t)(x[i] & (0u - keep)));
+    }
+}
+
+MULTIVERSION static void draw_backward_f32(const float *x, const float *g, float *gx, Py_ssize_t n, uint32_t k0,
+                                           uint32_t k1, uint32_t all, uint32_t t32, int negative_only,
+                                           int nthreads) {
+    const uint32_t *gb = (const uint32_t *)g;
+    uint32_t *ob = (uint32_t *)gx;
+#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        float xi = x[i];
+        uint32_t m = DRAW(i) & (negative_only ? (uint32_t)(xi < 0.0f) : 1u);
+        uint32_t pass = (uint32_t)!(xi <= 0.0f); /* torch's threshold_backward: 0 where x <= 0 */
+        ob[i] = sel32(m, ob[i], gb[i] & (0u - pass));
+    }
+}
+
+MULTIVERSION static void draw_backward_bf16(const uint16_t *x, const uint16_t *g, uint16_t *gx, Py_ssize_t n,
+                                            uint32_t k0, uint32_t k1, uint32_t all, uint32_t t32, int negative_only,
+                                            int nthreads) {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        float xf = bf16_to_f32(x[i]);
+        uint32_t m = DRAW(i) & (negative_only ? (uint32_t)(xf < 0.0f) : 1u);
+        uint32_t pass = (uint32_t)!(xf <= 0.0f);
+        gx[i] = sel16(m, gx[i], (uint16_t)(g[i] & (0u - pass)));
+    }
+}
+
+/* draw_forward(x, y, n, seed, threshold, negative_only, dtype, nthreads) and
+ * draw_backward(x, g, gx, n, seed, threshold, negative_only, dtype, nthreads) */
+static int parse_threshold(unsigned long long threshold, uint32_t *all, uint32_t *t32) {
+    if (threshold > 0x100000000ULL) {
+        PyErr_Format(PyExc_ValueError, "threshold must be in [0, 2^32], got %llu", threshold);
+        return 0;
+    }
+    *all = threshold == 0x100000000ULL;
+    *t32 = (uint32_t)threshold;
+    return 1;
+}
+
+static PyObject *py_draw_forward(PyObject *self, PyObject *args) {
+    unsigned long long x, y, seed, threshold;
+    Py_ssize_t n;
+    int negative_only, dtype, nthreads;
+    uint32_t all, t32;
+    if (!PyArg_ParseTuple(args, "KKnKKpii", &x, &y, &n, &seed, &threshold, &negative_only, &dtype, &nthreads))
+        return NULL;
+    if (!parse_threshold(threshold, &all, &t32)) return NULL;
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == 0)
+        draw_forward_f32((const float *)x, (float *)y, n, k0, k1, all, t32, negative_only, nthreads);
+    else
+        draw_forward_bf16((const uint16_t *)x, (uint16_t *)y, n, k0, k1, all, t32, negative_only, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_draw_backward(PyObject *self, PyObject *args) {
+    unsigned long long x, g, gx, seed, threshold;
+    Py_ssize_t n;
+    int negative_only, dtype, nthreads;
+    uint32_t all, t32;
+    if (!PyArg_ParseTuple(args, "KKKnKKpii", &x, &g, &gx, &n, &seed, &threshold, &negative_only, &dtype,
+                          &nthreads))
+        return NULL;
+    if (!parse_threshold(threshold, &all, &t32)) return NULL;
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == 0)
+        draw_backward_f32((const float *)x, (const float *)g, (float *)gx, n, k0, k1, all, t32, negative_only,
+                          nthreads);
+    else
+        draw_backward_bf16((const uint16_t *)x, (const uint16_t *)g, (uint16_t *)gx, n, k0, k1, all, t32,
+                           negative_only, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * 2. Sparse FFN of a decode step
+ *
+ * Rows are processed R at a time: R independent memory streams per thread (one row at a time leaves the memory
+ * system idle at the start of every gathered row and every 4 KiB page), R x 16 accumulators (no FMA latency
+ * chain), and x or y[slice] loaded once per R rows. Groups with fewer than R rows repeat their first row with a
+ * zero weight. While a group is processed, the same offsets of the next group's rows are prefetched (the hardware
+ * prefetcher cannot guess the next gathered row, and stops at every page boundary). */
+#define R 4
+#define W16 16
+
+#define LOAD_F32(p, i) ((p)[i])
+#define LOAD_BF16(p, i) bf16_to_f32((p)[i])
+
+/* out[r] = row_r . x for the R rows of a group; nxt: the next group's rows (prefetched) or NULL */
+#define DEFINE_DOTR(NAME, TYPE, LOAD, LINE)                                                                       \
+    static inline void NAME(const TYPE *const *rows, const TYPE *const *nxt, const float *x, Py_ssize_t d,     \
+                            float *out) {                                                                      \
+        float acc[R][W16];                                                                                     \
+        for (int r = 0; r < R; ++r)                                                                            \
+            for (int l = 0; l < W16; ++l) acc[r][l] = 0.0f;                                                    \
+        Py_ssize_t c0 = 0;                                                                                     \
+        for (; c0 + W16 <= d; c0 += W16) {                                                                     \
+            if (nxt && c0 % LINE == 0)                                                                         \
+                for (int r = 0; r < R; ++r) PREFETCH(nxt[r] + c0);                           \
+            for (int r = 0; r < R; ++r) {                                                                      \
+                const TYPE *row = rows[r] + c0;                                                                \
+                PRAGMA_SIMD for (int l = 0; l < W16; ++l) acc[r][l] += LOAD(row, l) * x[c0 + l];       \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int r = 0; r < R; ++r) {                                                                          \
+            float s = 0.0f;                                                                                    \
+            for (Py_ssize_t c = c0; c < d; ++c) s += LOAD(rows[r], c) * x[c];                                  \
+            for (int l = 0; l < W16; ++l) s += acc[r][l];                                                      \
+            out[r] = s;                                                                                        \
+        }                                                                                                      \
+    }
+DEFINE_DOTR(dotr_f32, float, LOAD_F32, 16)
+DEFINE_DOTR(dotr_bf16, uint16_t, LOAD_BF16, 32)
+
+/* the rows of group g (rows g*R .. g*R+R-1 of the list, the first one repeated past n) */
+static inline void group_rows(const char *W, Py_ssize_t row_bytes, const int64_t *idx, Py_ssize_t n, Py_ssize_t g,
+                              const char **rows) {
+    for (int r = 0; r < R; ++r) {
+        Py_ssize_t j = g * R + r < n ? g * R + r : g * R;
+        rows[r] = W + (idx ? idx[j] : j) * row_bytes;
+    }
+}
+
+MULTIVERSION static void rows_dot(const void *W, int dtype, const float *x, const int64_t *idx, Py_ssize_t n,
+                                  Py_ssize_t d, Py_ssize_t T, const float *bias, float *out, Py_ssize_t out_stride,
+                                  int nthreads) {
+    Py_ssize_t groups = (n + R - 1) / R, row_bytes = d * (dtype == 0 ? 4 : 2);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n * d > PARALLEL_MIN)
+    for (Py_ssize_t g = 0; g < groups; ++g) {
+        const char *rows[R], *nxt[R];
+        group_rows((const char *)W, row_bytes, idx, n, g, rows);
+        /* contiguous rows stream by themselves: only gathered rows get a software prefetch */
+        int pf = idx && g + 1 < groups;
+        if (pf) group_rows((const char *)W, row_bytes, idx, n, g + 1, nxt);
+        for (Py_ssize_t t = 0; t < T; ++t) {
+            float acc[R];
+            if (dtype == 0)
+                dotr_f32((const float *const *)rows, pf && t == 0 ? (const float *const *)nxt : NULL, x + t * d, d,
+                         acc);
+            else
+                dotr_bf16((const uint16_t *const *)rows, pf && t == 0 ? (const uint16_t *const *)nxt : NULL,
+                          x + t * d, d, acc);
+            for (int r = 0; r < R && g * R + r < n; ++r) {
+                Py_ssize_t j = g * R + r;
+                out[t * out_stride + j] = acc[r] + (bias ? bias[idx ? idx[j] : j] : 0.0f);
+            }
+        }
+    }
+}
+
+/* y[t, :] = sum_j h[t, j] * WT[idx[j], :] (+ bias). Columns are split across threads, one contiguous slice each
+ * (a multiple of 16 floats), so every gathered row is read as one long run per thread and no reduction between
+ * threads is needed; y[:, slice] stays in L1/L2 while the rows stream through, R rows per pass. */
+#define DEFINE_AXPYR(NAME, TYPE, LOAD, LINE)                                                                      \
+    static inline void NAME(const TYPE *WT, const float *h, const int64_t *idx, float *y, Py_ssize_t d,        \
+                            Py_ssize_t k, Py_ssize_t T, Py_ssize_t c0, Py_ssize_t c1) {                        \
+        Py_ssize_t groups = (k + R - 1) / R;                                                                   \
+        for (Py_ssize_t g = 0; g < groups; ++g) {                                                              \
+            const TYPE *rows[R], *nxt[R];                                                                      \
+            group_rows((const char *)WT, d * sizeof(TYPE), idx, k, g, (const char **)rows);                    \
+            int pf = g + 1 < groups;                                                            \
+            if (pf) group_rows((const char *)WT, d * sizeof(TYPE), idx, k, g + 1, (const char **)nxt);         \
+            for (Py_ssize_t t = 0; t < T; ++t) {                                                               \
+                float hr[R];                                                                                   \
+                for (int r = 0; r < R; ++r) hr[r] = g * R + r < k ? h[t * k + g * R + r] : 0.0f;                \
+                float *yt = y + t * d;                                                                         \
+                const TYPE *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];                         \
+                for (Py_ssize_t a = c0; a < c1; a += W16) {                                                    \
+                    Py_ssize_t b = a + W16 < c1 ? a + W16 : c1;                                                \
+                    if (pf && t == 0 && a % LINE == 0)                                                         \
+                        for (int r = 0; r < R; ++r) PREFETCH(nxt[r] + a);                     \
+                    PRAGMA_SIMD for (Py_ssize_t c = a; c < b; ++c) yt[c] +=                            \
+                        hr[0] * LOAD(r0, c) + hr[1] * LOAD(r1, c) + hr[2] * LOAD(r2, c) + hr[3] * LOAD(r3, c); \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+DEFINE_AXPYR(axpyr_f32, float, LOAD_F32, 16)
+DEFINE_AXPYR(axpyr_bf16, uint16_t, LOAD_BF16, 32)
+
+MULTIVERSION static void rows_axpy(const void *WT, int dtype, const float *h, const int64_t *idx, float *y,
+                                   const float *bias, Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
+    int parts = k * d > PARALLEL_MIN ? nthreads : 1;
+    Py_ssize_t slice = ((d + parts - 1) / parts + W16 - 1) / W16 * W16;
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int p = 0; p < parts; ++p) {
+        Py_ssize_t c0 = p * slice, c1 = c0 + slice < d ? c0 + slice : d;
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t c = c0; c < c1; ++c) y[t * d + c] = bias ? bias[c] : 0.0f;
+        if (dtype == 0)
+            axpyr_f32((const float *)WT, h, idx, y, d, k, T, c0, c1);
+        else
+            axpyr_bf16((const uint16_t *)WT, h, idx, y, d, k, T, c0, c1);
+    }
+}
+
+
+/* union of non-zero columns of a [T, n] float32 matrix into idx; returns k */
+static Py_ssize_t union_nonzero(const float *a, Py_ssize_t T, Py_ssize_t n, int64_t *idx) {
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        int on = 0;
+        for (Py_ssize_t t = 0; t < T; ++t) on |= a[t * n + i] != 0.0f;
+        if (on) idx[k++] = i;
+    }
+    return k;
+}
+
+/* sparse_gated_mlp(x, wg, bg, wu, bu, wdt, bd, g, y, d, dff, T, max_active, act, dtype, nthreads) -> k, -1 or -2
+ * wg == 0: the caller already wrote the gate pre-activation (with its bias) into g. act: 0 ReLU, 1 ReLU^2. */
+static PyObject *py_sparse_gated_mlp(PyObject *self, PyObject *args) {
+    unsigned long long x, wg, bg, wu, bu, wdt, bd, g, y;
+    Py_ssize_t d, dff, T, max_active;
+    int act, dtype, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKnnnniii", &x, &wg, &bg, &wu, &bu, &wdt, &bd, &g, &y, &d, &dff, &T,
+                          &max_active, &act, &dtype, &nthreads))
+        return NULL;
+    if (T < 1 || T > MAX_T) {
+        PyErr_Format(PyExc_ValueError, "tokens per call must be in [1, %d], got %zd", MAX_T, T);
+        return NULL;
+    }
+    Py_ssize_t k = 0;
+    int64_t *ix = (int64_t *)malloc((size_t)dff * sizeof(int64_t));
+    float *hf = (float *)malloc((size_t)(T * dff) * sizeof(float));
+    if (ix == NULL || hf == NULL) {
+        free(ix);
+        free(hf);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    float *gf = (float *)g, *yf = (float *)y;
+    const float *xf = (const float *)x;
+    /* 1. dense gate + activation */
+    if (wg) rows_dot((const void *)wg, dtype, xf, NULL, dff, d, T, (const float *)bg, gf, dff, nthreads);
+    for (Py_ssize_t t = 0; t < T; ++t)
+        for (Py_ssize_t i = 0; i < dff; ++i) {
+            float v = gf[t * dff + i];
+            v = v > 0.0f ? v : (v != v ? v : 0.0f);
+            gf[t * dff + i] = act == 1 ? v * v : v;
+        }
+    /* 2. union of active neurons */
+    k = union_nonzero(gf, T, dff, ix);
+    if (k <= max_active) {
+        /* 3. up rows of active neurons, times the gate */
+        rows_dot((const void *)wu, dtype, xf, ix, k, d, T, (const float *)bu, hf, k, nthreads);
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t j = 0; j < k; ++j) hf[t * k + j] *= gf[t * dff + ix[j]];
+        /* 4. down: y = h @ WdT[idx] + bd */
+        rows_axpy((const void *)wdt, dtype, hf, ix, yf, (const float *)bd, d, k, T, nthreads);
+    }
+    Py_END_ALLOW_THREADS
+    free(ix);
+    free(hf);
+    return PyLong_FromSsize_t(k <= max_active ? k : -1);
+}
+
+/* sparse_down(h, wt, b, y, dff, d, T, max_active, dtype, nthreads) -> k or -1: y = h[:, idx] WT[idx] + b */
+static PyObject *py_sparse_down(PyObject *self, PyObject *args) {
+    unsigned long long h, wt, b, y;
+    Py_ssize_t dff, d, T, max_active;
+    int dtype, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKnnnnii", &h, &wt, &b, &y, &dff, &d, &T, &max_active, &dtype, &nthreads))
+        return NULL;
+    if (T < 1 || T > MAX_T) {
+        PyErr_Format(PyExc_ValueError, "tokens per call must be in [1, %d], got %zd", MAX_T, T);
+        return NULL;
+    }
+    Py_ssize_t k = 0;
+    int64_t *ix = (int64_t *)malloc((size_t)dff * sizeof(int64_t));
+    float *hk = (float *)malloc((size_t)(T * dff) * sizeof(float));
+    if (ix == NULL || hk == NULL) {
+        free(ix);
+        free(hk);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const float *hf = (const float *)h;
+    k = union_nonzero(hf, T, dff, ix);
+    if (k <= max_active) {
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t j = 0; j < k; ++j) hk[t * k + j] = hf[t * dff + ix[j]];
+        rows_axpy((const void *)wt, dtype, hk, ix, (float *)y, (const float *)b, d, k, T, nthreads);
+    }
+    Py_END_ALLOW_THREADS
+    free(ix);
+    free(hk);
+    return PyLong_FromSsize_t(k <= max_active ? k : -1);
+}
+
+static PyObject *py_has_openmp(PyObject *self, PyObject *args) {
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"draw_forward", py_draw_forward, METH_VARARGS,
+     "draw_forward(x, y, n, seed, threshold, negative_only, dtype, nthreads): y <- m ? y : relu(x)"},
+    {"draw_backward", py_draw_backward, METH_VARARGS,
+     "draw_backward(x, g, gx, n, seed, threshold, negative_only, dtype, nthreads): gx <- m ? gx : relu'(x) g"},
+    {"sparse_gated_mlp", py_sparse_gated_mlp, METH_VARARGS,
+     "sparse_gated_mlp(x, wg, bg, wu, bu, wdt, bd, g, y, d, dff, T, max_active, act, dtype, nthreads) -> k or -1"},
+    {"sparse_down", py_sparse_down, METH_VARARGS,
+     "sparse_down(h, wt, b, y, dff, d, T, max_active, dtype, nthreads) -> k or -1"},
+    {"has_openmp", py_has_openmp, METH_NOARGS, "whether the loops were built with OpenMP"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

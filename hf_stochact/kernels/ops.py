@@ -1,0 +1,206 @@
+"""The ``hf_stochact::*`` PyTorch operators: schema, CPU kernel (the C loops), default kernel for every other device
+(the torch ops of :mod:`.reference`), fake (meta) kernel for ``torch.compile``, and autograd where there is a
+backward. Data pointers are taken only here, inside the CPU kernels, after the tensors are checked.
+
+=============================  ==========================================================================
+operator                        meaning
+=============================  ==========================================================================
+``silu_relu_draw``              y = SiLU(x) where the seeded mask is set (and x < 0 if negative_only),
+                                else ReLU(x); autograd saves x and the seed, backward regenerates the mask
+``silu_relu_draw_backward``     its gradient
+``sparse_gated_mlp``            (y, k): a gated ReLU/ReLU² FFN reading only the rows of active neurons
+``sparse_down``                 (y, k): a down projection reading only the rows of non-zero inputs
+=============================  ==========================================================================
+
+The CPU kernels fall back to the torch implementation for what the loops do not cover (float16/float64,
+tensor subclasses, more than :data:`MAX_TOKENS` tokens) or while :func:`hf_stochact.kernels.torch_only` is active.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+try:  # built by `pip install` (setup.py); absent without a C compiler
+    from . import _C
+except ImportError:  # pragma: no cover - depends on the install
+    _C = None
+
+NAMESPACE = "hf_stochact"
+MAX_TOKENS = 16  # the C loops' limit per sparse call (MAX_T)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# Who computes the dense gate of sparse_gated_mlp: MKL (torch) is faster on large float32 matrices, the C loop on
+# small ones and on bfloat16 (measured: docs/sparse_inference.md).
+TORCH_GATE_MIN = 4 * 2**20
+
+
+class _Switch(threading.local):
+    """Per-thread switch between the C loops and the torch implementation (tests and benchmarks compare both)."""
+
+    use_c = True
+
+
+SWITCH = _Switch()
+
+
+def c_loops_active() -> bool:
+    """Whether CPU kernels run the C loops in this thread (built, and not switched off)."""
+    return _C is not None and SWITCH.use_c
+
+
+def _plain(*tensors: torch.Tensor | None) -> bool:
+    """Tensors the C loops can read: plain (no subclass), strided, on the CPU, float32/bfloat16, with storage."""
+    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+                             and t.device.type == "cpu" and t.dtype in DTYPE_CODES and t.numel() > 0)
+               for t in tensors)
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+LIB = torch.library.Library(NAMESPACE, "DEF")
+LIB.define("silu_relu_draw(Tensor x, Tensor seed, int threshold, bool negative_only) -> Tensor")
+LIB.define("silu_relu_draw_backward(Tensor grad, Tensor x, Tensor seed, int threshold, bool negative_only) -> Tensor")
+LIB.define("sparse_gated_mlp(Tensor x, Tensor w_gate, Tensor? b_gate, Tensor w_up, Tensor? b_up, Tensor w_down_t, "
+           "Tensor? b_down, int act, float max_density) -> (Tensor, Tensor)")
+LIB.define("sparse_down(Tensor h, Tensor w_t, Tensor? bias, float max_density) -> (Tensor, Tensor)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# silu_relu_draw
+
+
+def _draw_cpu(x: torch.Tensor, seed: torch.Tensor, threshold: int, negative_only: bool) -> torch.Tensor:
+    if not (c_loops_active() and _plain(x)):
+        return reference.silu_relu_draw(x, seed, threshold, negative_only)
+    x = x.contiguous()
+    y = F.silu(x)
+    _C.draw_forward(x.data_ptr(), y.data_ptr(), x.numel(), int(seed), threshold, negative_only,
+                    DTYPE_CODES[x.dtype], torch.get_num_threads())
+    return y
+
+
+def _draw_backward_cpu(grad: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, threshold: int,
+                       negative_only: bool) -> torch.Tensor:
+    if not (c_loops_active() and _plain(x, grad)) or grad.dtype != x.dtype or grad.shape != x.shape:
+        return reference.silu_relu_draw_backward(grad, x, seed, threshold, negative_only)
+    grad, x = grad.contiguous(), x.contiguous()
+    grad_x = torch.ops.aten.silu_backward(grad, x).contiguous()
+    _C.draw_backward(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), int(seed), threshold,
+                     negative_only, DTYPE_CODES[x.dtype], torch.get_num_threads())
+    return grad_x
+
+
+LIB.impl("silu_relu_draw", reference.silu_relu_draw, "CompositeExplicitAutograd")
+LIB.impl("silu_relu_draw", _draw_cpu, "CPU")
+LIB.impl("silu_relu_draw_backward", reference.silu_relu_draw_backward, "CompositeExplicitAutograd")
+LIB.impl("silu_relu_draw_backward", _draw_backward_cpu, "CPU")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::silu_relu_draw", lib=LIB)
+def _draw_fake(x, seed, threshold, negative_only):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::silu_relu_draw_backward", lib=LIB)
+def _draw_backward_fake(grad, x, seed, threshold, negative_only):
+    return torch.empty_like(x)
+
+
+def _draw_setup_context(ctx, inputs, output):
+    x, seed, threshold, negative_only = inputs
+    ctx.save_for_backward(x, seed)  # no mask: backward regenerates it from the seed
+    ctx.threshold, ctx.negative_only = threshold, negative_only
+
+
+def _draw_backward_formula(ctx, grad):
+    x, seed = ctx.saved_tensors
+    grad_x = torch.ops.hf_stochact.silu_relu_draw_backward(grad, x, seed, ctx.threshold, ctx.negative_only)
+    return grad_x, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::silu_relu_draw", _draw_backward_formula,
+                                setup_context=_draw_setup_context, lib=LIB)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse_gated_mlp / sparse_down
+
+
+def _check_gated(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down) -> None:
+    tokens, d = x.shape
+    d_ff, d_out = w_down_t.shape
+    ok = (w_gate.shape == (d_ff, d) and w_up.shape == (d_ff, d) and (b_gate is None or b_gate.shape == (d_ff,))
+          and (b_up is None or b_up.shape == (d_ff,)) and (b_down is None or b_down.shape == (d_out,)))
+    if not ok:
+        raise ValueError(f"sparse_gated_mlp: inconsistent shapes x {tuple(x.shape)}, w_gate {tuple(w_gate.shape)}, "
+                         f"w_up {tuple(w_up.shape)}, w_down_t {tuple(w_down_t.shape)} (expected [T, d], [d_ff, d], "
+                         "[d_ff, d], [d_ff, d_out])")
+
+
+def _sparse_gated_cpu(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act: int, max_density: float):
+    _check_gated(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down)
+    weights_ok = _plain(w_gate, w_up, w_down_t) and w_gate.dtype == w_up.dtype == w_down_t.dtype
+    if not (c_loops_active() and weights_ok and _plain(x) and 1 <= x.shape[0] <= MAX_TOKENS
+            and w_gate.is_contiguous() and w_up.is_contiguous() and w_down_t.is_contiguous()):
+        return reference.sparse_gated_mlp(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max_density)
+    tokens, d = x.shape
+    d_ff, d_out = w_down_t.shape
+    xf = x.detach().to(torch.float32).contiguous()
+    bg, bu, bd = _f32(b_gate), _f32(b_up), _f32(b_down)
+    g = torch.empty(tokens, d_ff)
+    y = torch.empty(tokens, d_out)
+    gate_ptr = w_gate.data_ptr()
+    if w_gate.dtype == torch.float32 and w_gate.numel() >= TORCH_GATE_MIN:
+        torch.mm(xf, w_gate.detach().t(), out=g)
+        if bg is not None:
+            g += bg
+        gate_ptr = 0  # the C call takes the gate pre-activation from g
+    k = _C.sparse_gated_mlp(xf.data_ptr(), gate_ptr, _ptr(bg), w_up.data_ptr(), _ptr(bu), w_down_t.data_ptr(),
+                            _ptr(bd), g.data_ptr(), y.data_ptr(), d, d_ff, tokens, int(max_density * d_ff), act,
+                            DTYPE_CODES[w_gate.dtype], torch.get_num_threads())
+    if k < 0:  # too many active neurons: finish densely from the gate the loop computed
+        y = F.linear(g.to(x.dtype) * F.linear(x, w_up, b_up), w_down_t.t(), b_down)
+    return y.to(x.dtype), torch.tensor(k, dtype=torch.int64)
+
+
+def _sparse_down_cpu(h, w_t, bias, max_density: float):
+    if h.shape[-1] != w_t.shape[0] or (bias is not None and bias.shape != (w_t.shape[1],)):
+        raise ValueError(f"sparse_down: inconsistent shapes h {tuple(h.shape)}, w_t {tuple(w_t.shape)} (expected "
+                         "[T, d_in], [d_in, d_out])")
+    if not (c_loops_active() and _plain(h, w_t) and 1 <= h.shape[0] <= MAX_TOKENS and w_t.is_contiguous()):
+        return reference.sparse_down(h, w_t, bias, max_density)
+    tokens, d_in = h.shape
+    hf = h.detach().to(torch.float32).contiguous()
+    b = _f32(bias)
+    y = torch.empty(tokens, w_t.shape[1])
+    k = _C.sparse_down(hf.data_ptr(), w_t.data_ptr(), _ptr(b), y.data_ptr(), d_in, w_t.shape[1], tokens,
+                       int(max_density * d_in), DTYPE_CODES[w_t.dtype], torch.get_num_threads())
+    if k < 0:
+        y = F.linear(h, w_t.t(), bias)
+    return y.to(h.dtype), torch.tensor(k, dtype=torch.int64)
+
+
+LIB.impl("sparse_gated_mlp", reference.sparse_gated_mlp, "CompositeExplicitAutograd")
+LIB.impl("sparse_gated_mlp", _sparse_gated_cpu, "CPU")
+LIB.impl("sparse_down", reference.sparse_down, "CompositeExplicitAutograd")
+LIB.impl("sparse_down", _sparse_down_cpu, "CPU")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::sparse_gated_mlp", lib=LIB)
+def _sparse_gated_fake(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max_density):
+    return x.new_empty(x.shape[0], w_down_t.shape[1]), x.new_empty((), dtype=torch.int64, device="cpu")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::sparse_down", lib=LIB)
+def _sparse_down_fake(h, w_t, bias, max_density):
+    return h.new_empty(h.shape[0], w_t.shape[1]), h.new_empty((), dtype=torch.int64, device="cpu")
