@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from transformers import Trainer, set_seed  # noqa: E402
 
 from hf_stochact import StochActSchedule  # noqa: E402
-from hf_stochact.cli.demo import DemoConfig, build_corpus, build_model, held_out_loss, training_arguments  # noqa: E402
 from hf_stochact.analysis.metrics import measure_sparsity  # noqa: E402
+from hf_stochact.cli.demo import DemoConfig, build_corpus, build_model, held_out_loss, training_arguments  # noqa: E402
 
 RECIPES = {  # name: (activation the model is built with, schedule factory or None)
     "SiLU": ("silu", None),

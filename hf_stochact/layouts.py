@@ -13,6 +13,7 @@ work there, the projection features (sparsify, shifts, CETT) skip them.
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 from torch import nn
 from transformers.activations import ACT2CLS, ReLUSquaredActivation
@@ -60,8 +61,9 @@ LAYOUTS: tuple[MLPLayout, ...] = (
     MLPLayout("gpt-neox/falcon", "act", pre="dense_h_to_4h", down="dense_4h_to_h"),
     MLPLayout("gpt-j", "act", pre="fc_in", down="fc_out"),
     MLPLayout("t5", "act", pre="wi", down="wo"),
+    MLPLayout("distilbert", "activation", pre="lin1", down="lin2"),
     MLPLayout("bert", "intermediate_act_fn", pre="dense"),  # the down projection lives in the sibling BertOutput
-    *(MLPLayout("activation-only", attr) for attr in ("act_fn", "act", "activation_fn", "activation")),
+    *(MLPLayout("activation-only", attr) for attr in ("act_fn", "act", "activation_fn")),
 )
 
 PROJECTION_TYPES = (nn.Linear, Conv1D)

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): Trainer + StochActSchedule with DDP."""
 
+import faulthandler
 import sys
 
 import torch
@@ -30,6 +31,7 @@ class Probe(TrainerCallback):
 
 
 def main(out):
+    faulthandler.dump_traceback_later(180, exit=True)  # a hung rank prints where it is and fails the run
     model = tiny_llama("silu")
     probe = Probe()
     trainer = tf.Trainer(model=model, args=training_args(out, max_steps=6, per_device_train_batch_size=2),
@@ -59,6 +61,7 @@ def main(out):
     dist.barrier()
     trainer.end()
     assert not dist.is_initialized()
+    faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":

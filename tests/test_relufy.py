@@ -6,11 +6,10 @@ import json
 import pytest
 import torch
 import transformers as tf
+from helpers import tiny_llama, token_dataset, training_args
 
 from hf_stochact.cli.relufy import RelufyConfig, load_teacher
 from hf_stochact.training.relufy import RelufyLoss
-
-from helpers import tiny_llama, token_dataset, training_args
 
 
 def _trainer(tmp_path, model, **attrs):

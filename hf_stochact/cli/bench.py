@@ -18,8 +18,8 @@ import time
 import torch
 from torch import nn
 
-from .loading import load_causal_lm
 from ..inference.sparse import sparsify, unsparsify
+from .loading import load_causal_lm
 
 
 @dataclasses.dataclass

@@ -10,8 +10,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .loading import load_causal_lm
 from ..analysis.metrics import sparsity_report
+from .loading import load_causal_lm
 from .relufy import RelufyConfig, eval_ids
 
 

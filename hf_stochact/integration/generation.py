@@ -159,11 +159,13 @@ def install() -> None:
     from transformers.generation.utils import GenerationMixin
 
     # the wrapper pops its keywords because generate() rejects unknown model kwargs in _validate_model_kwargs
-    if not (callable(getattr(GenerationMixin, "generate", None)) and hasattr(GenerationMixin, "_validate_model_kwargs")):
+    generate = getattr(GenerationMixin, "generate", None)
+    if not (callable(generate) and hasattr(GenerationMixin, "_validate_model_kwargs")):
         import transformers
 
         raise ImportError(f"hf_stochact cannot hook transformers {transformers.__version__}: "
-                          "GenerationMixin.generate / _validate_model_kwargs moved. Supported: transformers >= 5.0, < 6.")
+                          "GenerationMixin.generate / _validate_model_kwargs moved. "
+                          "Supported: transformers >= 5.0, < 6.")
     if not getattr(GenerationMixin.generate, "_hf_stochact", False):
         GenerationMixin.generate = _wrap_generate(GenerationMixin.generate)
 
