@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): Trainer + StochActSchedule with DDP."""
 
 import faulthandler
+import os
 import sys
 
 import torch
@@ -55,14 +56,22 @@ def main(out):
         saved = tf.AutoConfig.from_pretrained(out + "/final")
         assert saved.hidden_act == "relu" and not hasattr(saved, hf_stochact.CONFIG_KEY)
         print("DISTRIBUTED-OK", agree)
-    # Every rank leaves through the Trainer's own cleanup: it destroys the process group, so no gloo thread is
-    # still running when the interpreter exits (without it, a rank could abort at exit with "terminate called
-    # without an active exception" and torchrun reported the run as failed).
+    # Teardown. Every rank syncs, then the Trainer's own cleanup destroys the process group. The process must then
+    # not run ProcessGroupGloo's destructor during interpreter finalization: DDP's reducer still holds the group,
+    # and its destructor joins gloo's worker threads while this thread holds the GIL, while a worker that is
+    # releasing a finished collective (a barrier keeps the all_gather before it alive, with this script's Python
+    # tensors) waits for the GIL. Measured: a deadlock in ~1 of 10 runs (native stacks: MainThread in
+    # ~ProcessGroupGloo -> std::thread::join, worker in ~AsyncBarrierWork -> ~AsyncAllgatherWork ->
+    # decref_pyobject -> gil_scoped_acquire) and, without the barrier, the abort "terminate called without an
+    # active exception" when a joinable worker thread is destroyed at exit. So: flush, and leave with os._exit
+    # once everything has been checked; any failure above still raises and exits non-zero.
     dist.barrier()
     trainer.end()
     assert not dist.is_initialized()
     faulthandler.cancel_dump_traceback_later()
-
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -96,6 +96,30 @@ def silu_relu_draw_backward(grad: torch.Tensor, x: torch.Tensor, seed: torch.Ten
     return torch.where(mask, silu_grad, relu_grad)
 
 
+#: Off the CPU, the eager draw runs these through ``torch.compile`` (one fused kernel per direction instead of a
+#: dozen elementwise kernels and their int64 temporaries); inside a compiled model they are traced like any code.
+#: Set ``reference.FUSE_OFF_CPU = False`` to run the plain ops (e.g. where no compiler backend is available).
+FUSE_OFF_CPU = True
+_FUSED: dict = {}
+# one compiled variant per (dtype, variant, granularity, p in {0, 1, other}): more than dynamo's default limit of 8
+# for one function, and past the limit dynamo would quietly run it unfused
+_RECOMPILE_LIMIT = 64
+
+
+def _fused(fn, device: torch.device):
+    if not FUSE_OFF_CPU or device.type in ("cpu", "meta") or torch.compiler.is_compiling():
+        return fn
+    if fn not in _FUSED:
+        compiled = torch.compile(fn, dynamic=True)
+
+        def call(*args):
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                return compiled(*args)
+
+        _FUSED[fn] = call
+    return _FUSED[fn]
+
+
 class SiluReluDraw(torch.autograd.Function):
     """Autograd for the torch-op path: saves x and the seed (8 bytes), regenerates the mask in backward."""
 
@@ -103,12 +127,13 @@ class SiluReluDraw(torch.autograd.Function):
     def forward(ctx, x, seed, p_threshold: int, negative_only: bool, granularity: str):
         ctx.save_for_backward(x, seed)
         ctx.draw = (p_threshold, negative_only, granularity)
-        return silu_relu_draw(x, seed, p_threshold, negative_only, granularity)
+        return _fused(silu_relu_draw, x.device)(x, seed, p_threshold, negative_only, granularity)
 
     @staticmethod
     def backward(ctx, grad):
         x, seed = ctx.saved_tensors
-        return silu_relu_draw_backward(grad, x, seed, *ctx.draw), None, None, None, None
+        grad_x = _fused(silu_relu_draw_backward, x.device)(grad, x, seed, *ctx.draw)
+        return grad_x, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
