@@ -92,7 +92,7 @@ def relu_kind(module: nn.Module) -> int | None:
 
 def _unwrap(layer: nn.Module) -> nn.Module:
     """A module standing in for a projection (e.g. sparsify's down-projection wrapper) exposes it as ``wrapped``."""
-    return getattr(layer, "wrapped", layer)
+    return layer if isinstance(layer, PROJECTION_TYPES) else getattr(layer, "wrapped", layer)
 
 
 def is_projection(layer: nn.Module | None) -> bool:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels.ops import _plain
+from ..kernels import loop_readable
 from ..layouts import MLP, down_rows, find_mlps, relu_kind
 
 
@@ -83,6 +83,12 @@ def _needs_grad(module: nn.Module, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` for a registered parameter (or None), without nn.Module.__getattr__'s cost."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name, None)
+
+
 class _Wrapper(nn.Module):
     """Stands in for ``original`` in its parent, sharing its children, parameters and buffers (same state-dict keys,
     same hooks on the children). ``original`` itself is held outside the module tree; its class's ``forward`` is the
@@ -109,7 +115,7 @@ class _Wrapper(nn.Module):
         return type(self.original).forward(self.original, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hook = getattr(self.original, "_hf_hook", None)
+        hook = self.original.__dict__.get("_hf_hook")  # accelerate's hook on the wrapped module, if any
         if hook is not None:
             (x,), _ = hook.pre_forward(self.original, x)
         y = self.sparse_or_dense(x)
@@ -131,18 +137,26 @@ class SparseMLP(_Wrapper):
         self.mlp = MLP(mlp.path, self, mlp.layout)  # the same layout, read through the shared children
 
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
-        act = relu_kind(self.mlp.activation)  # read every call: an activation changed after sparsify goes dense
+        # on every decode step of every layer: plain dict lookups, no nn.Module.__getattr__
+        layout, modules = self.mlp.layout, self._modules
+        act = relu_kind(modules[layout.activation])  # read every call: an activation changed after sparsify -> dense
         shape = x.shape
-        if act is None or x.numel() > self.config.max_tokens * shape[-1] or x.device.type != "cpu" \
-                or _needs_grad(self, x):
+        if act is None or x.numel() > self.config.max_tokens * shape[-1] or not x.is_cpu or _needs_grad(self, x):
             return self.dense(x)
-        w_gate, b_gate, w_up, b_up = self.mlp.gate_up()
-        down = self.mlp.down
-        w_down_t = down_rows(down)
-        if not (_plain(w_gate, b_gate, w_up, b_up, w_down_t, down.bias) and w_gate.is_contiguous()
+        pre, down = modules[layout.pre], modules[layout.down]
+        w_gate, b_gate = _param(pre, "weight"), _param(pre, "bias")
+        if layout.fused_gate_up:
+            half = w_gate.shape[0] // 2
+            w_up, b_up = w_gate[half:], None if b_gate is None else b_gate[half:]
+            w_gate, b_gate = w_gate[:half], None if b_gate is None else b_gate[:half]
+        else:
+            up = modules[layout.up]
+            w_up, b_up = _param(up, "weight"), _param(up, "bias")
+        w_down_t, b_down = down_rows(down), _param(down, "bias")
+        if not (loop_readable(w_gate, b_gate, w_up, b_up, w_down_t, b_down) and w_gate.is_contiguous()
                 and w_up.is_contiguous() and w_down_t.is_contiguous()):
             return self.dense(x)
-        y, k = kernels.sparse_gated_mlp(x.reshape(-1, shape[-1]), w_gate, b_gate, w_up, b_up, w_down_t, down.bias,
+        y, k = kernels.sparse_gated_mlp(x.reshape(-1, shape[-1]), w_gate, b_gate, w_up, b_up, w_down_t, b_down,
                                         act, self.config.max_density)
         self.counter.add("sparse" if torch.compiler.is_compiling() or int(k) >= 0 else "dense")
         return y.reshape(*shape[:-1], y.shape[-1])
@@ -166,7 +180,7 @@ class SparseDownProjection(_Wrapper):
                 or h.device.type != "cpu" or _needs_grad(self, h):
             return self.dense(h)
         w_t = down_rows(self.original)
-        if not (_plain(w_t, self.original.bias) and w_t.is_contiguous()):
+        if not (loop_readable(w_t, self.original.bias) and w_t.is_contiguous()):
             return self.dense(h)
         y, k = kernels.sparse_down(h.reshape(-1, shape[-1]), w_t, self.original.bias, self.config.max_density)
         self.counter.add("sparse" if torch.compiler.is_compiling() or int(k) >= 0 else "dense")
@@ -176,7 +190,7 @@ class SparseDownProjection(_Wrapper):
 def _rows_layout(layer: nn.Module) -> bool:
     """Give an ``nn.Linear`` down projection the loops' layout ([d_ff, d] rows contiguous; the module sees a
     transposed view). Returns whether the layout changed (only plain CPU float32/bfloat16 weights are touched)."""
-    if not isinstance(layer, nn.Linear) or not _plain(layer.weight) or layer.weight.t().is_contiguous():
+    if not isinstance(layer, nn.Linear) or not loop_readable(layer.weight) or layer.weight.t().is_contiguous():
         return False
     with torch.no_grad():
         layer.weight.data = layer.weight.detach().t().contiguous().t()

@@ -52,15 +52,24 @@ def c_loops_active() -> bool:
     return _C is not None and SWITCH.use_c
 
 
-def _plain(*tensors: torch.Tensor | None) -> bool:
-    """Tensors the C loops can read: plain (no subclass), strided, on the CPU, float32/bfloat16, with storage."""
-    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
-                             and t.device.type == "cpu" and t.dtype in DTYPE_CODES and t.numel() > 0)
-               for t in tensors)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def loop_readable(*tensors: torch.Tensor | None) -> bool:
+    """Tensors the C loops can read: plain (no subclass), strided, on the CPU, float32/bfloat16, with storage.
+    (On the hot path of every sparse call: plain attribute checks only.)"""
+    for t in tensors:
+        if t is not None and not (t.__class__ in _PLAIN_TYPES and t.is_cpu and t.layout is torch.strided
+                                  and t.dtype in DTYPE_CODES and t.numel() > 0):
+            return False
+    return True
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    """float32 and contiguous (the tensor itself when it already is: no dispatch on the hot path)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -80,7 +89,7 @@ LIB.define("sparse_down(Tensor h, Tensor w_t, Tensor? bias, float max_density) -
 
 
 def _draw_cpu(x: torch.Tensor, seed: torch.Tensor, threshold: int, negative_only: bool) -> torch.Tensor:
-    if not (c_loops_active() and _plain(x)):
+    if not (c_loops_active() and loop_readable(x)):
         return reference.silu_relu_draw(x, seed, threshold, negative_only)
     x = x.contiguous()
     y = F.silu(x)
@@ -91,7 +100,7 @@ def _draw_cpu(x: torch.Tensor, seed: torch.Tensor, threshold: int, negative_only
 
 def _draw_backward_cpu(grad: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, threshold: int,
                        negative_only: bool) -> torch.Tensor:
-    if not (c_loops_active() and _plain(x, grad)) or grad.dtype != x.dtype or grad.shape != x.shape:
+    if not (c_loops_active() and loop_readable(x, grad)) or grad.dtype != x.dtype or grad.shape != x.shape:
         return reference.silu_relu_draw_backward(grad, x, seed, threshold, negative_only)
     grad, x = grad.contiguous(), x.contiguous()
     grad_x = torch.ops.aten.silu_backward(grad, x).contiguous()
@@ -147,21 +156,21 @@ def _check_gated(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down) -> None:
                          "[d_ff, d], [d_ff, d_out])")
 
 
-def _sparse_gated_cpu(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act: int, max_density: float):
+def sparse_gated_cpu(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act: int, max_density: float):
     _check_gated(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down)
-    weights_ok = _plain(w_gate, w_up, w_down_t) and w_gate.dtype == w_up.dtype == w_down_t.dtype
-    if not (c_loops_active() and weights_ok and _plain(x) and 1 <= x.shape[0] <= MAX_TOKENS
+    weights_ok = loop_readable(w_gate, w_up, w_down_t) and w_gate.dtype == w_up.dtype == w_down_t.dtype
+    if not (c_loops_active() and weights_ok and loop_readable(x) and 1 <= x.shape[0] <= MAX_TOKENS
             and w_gate.is_contiguous() and w_up.is_contiguous() and w_down_t.is_contiguous()):
         return reference.sparse_gated_mlp(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max_density)
     tokens, d = x.shape
     d_ff, d_out = w_down_t.shape
-    xf = x.detach().to(torch.float32).contiguous()
+    xf = _f32(x)
     bg, bu, bd = _f32(b_gate), _f32(b_up), _f32(b_down)
     g = torch.empty(tokens, d_ff)
     y = torch.empty(tokens, d_out)
     gate_ptr = w_gate.data_ptr()
     if w_gate.dtype == torch.float32 and w_gate.numel() >= TORCH_GATE_MIN:
-        torch.mm(xf, w_gate.detach().t(), out=g)
+        torch.mm(xf, w_gate.t(), out=g)
         if bg is not None:
             g += bg
         gate_ptr = 0  # the C call takes the gate pre-activation from g
@@ -170,30 +179,30 @@ def _sparse_gated_cpu(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act: int,
                             DTYPE_CODES[w_gate.dtype], torch.get_num_threads())
     if k < 0:  # too many active neurons: finish densely from the gate the loop computed
         y = F.linear(g.to(x.dtype) * F.linear(x, w_up, b_up), w_down_t.t(), b_down)
-    return y.to(x.dtype), torch.tensor(k, dtype=torch.int64)
+    return y if y.dtype == x.dtype else y.to(x.dtype), torch.scalar_tensor(k, dtype=torch.int64)
 
 
-def _sparse_down_cpu(h, w_t, bias, max_density: float):
+def sparse_down_cpu(h, w_t, bias, max_density: float):
     if h.shape[-1] != w_t.shape[0] or (bias is not None and bias.shape != (w_t.shape[1],)):
         raise ValueError(f"sparse_down: inconsistent shapes h {tuple(h.shape)}, w_t {tuple(w_t.shape)} (expected "
                          "[T, d_in], [d_in, d_out])")
-    if not (c_loops_active() and _plain(h, w_t) and 1 <= h.shape[0] <= MAX_TOKENS and w_t.is_contiguous()):
+    if not (c_loops_active() and loop_readable(h, w_t) and 1 <= h.shape[0] <= MAX_TOKENS and w_t.is_contiguous()):
         return reference.sparse_down(h, w_t, bias, max_density)
     tokens, d_in = h.shape
-    hf = h.detach().to(torch.float32).contiguous()
+    hf = _f32(h)
     b = _f32(bias)
     y = torch.empty(tokens, w_t.shape[1])
     k = _C.sparse_down(hf.data_ptr(), w_t.data_ptr(), _ptr(b), y.data_ptr(), d_in, w_t.shape[1], tokens,
                        int(max_density * d_in), DTYPE_CODES[w_t.dtype], torch.get_num_threads())
     if k < 0:
         y = F.linear(h, w_t.t(), bias)
-    return y.to(h.dtype), torch.tensor(k, dtype=torch.int64)
+    return y if y.dtype == h.dtype else y.to(h.dtype), torch.scalar_tensor(k, dtype=torch.int64)
 
 
 LIB.impl("sparse_gated_mlp", reference.sparse_gated_mlp, "CompositeExplicitAutograd")
-LIB.impl("sparse_gated_mlp", _sparse_gated_cpu, "CPU")
+LIB.impl("sparse_gated_mlp", sparse_gated_cpu, "CPU")
 LIB.impl("sparse_down", reference.sparse_down, "CompositeExplicitAutograd")
-LIB.impl("sparse_down", _sparse_down_cpu, "CPU")
+LIB.impl("sparse_down", sparse_down_cpu, "CPU")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::sparse_gated_mlp", lib=LIB)

@@ -37,9 +37,14 @@
 
 /* Portability: OpenMP pragmas are ignored where setup.py found no OpenMP; prefetch and `omp simd` hints are
  * GCC/Clang spellings, empty elsewhere (MSVC). */
+#if defined(_MSC_VER)
+#define PRAGMA(x) __pragma(x)
+#else
+#define PRAGMA(x) _Pragma(#x)
+#endif
 #if defined(__GNUC__) || defined(__clang__)
 #define PREFETCH(p) __builtin_prefetch((p), 0, 3)
-#define PRAGMA_SIMD _Pragma("omp simd")
+#define PRAGMA_SIMD PRAGMA(omp simd)
 #else
 #define PREFETCH(p) ((void)0)
 #define PRAGMA_SIMD
@@ -81,35 +86,50 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
-static inline uint32_t bits32(uint32_t k0, uint32_t k1, uint64_t i) {
-    return mix32(mix32((uint32_t)i ^ k0) ^ (k1 + (uint32_t)(i >> 32)));
+
+/* The draw is computed a block at a time: first the block's random words (pure 32-bit arithmetic over a 32-bit
+ * counter, which vectorises: a block never crosses a multiple of 2^32 since BLOCK divides 2^32), then the select.
+ * m(j) = all | (u(j) < t32), with all = 1 for threshold = 2^32 (p = 1). */
+#define BLOCK 1024
+
+static inline void block_bits(uint32_t k0, uint32_t k1, uint64_t start, uint32_t *u) {
+    uint32_t lo = (uint32_t)start, hi = k1 + (uint32_t)(start >> 32);
+    PRAGMA_SIMD for (uint32_t j = 0; j < BLOCK; ++j) u[j] = mix32(mix32((lo + j) ^ k0) ^ hi);
 }
 
-/* m(i) as 0/1: all = threshold >= 2^32 (p = 1), t32 = threshold otherwise */
-#define DRAW(i) ((uint32_t)(all | (bits32(k0, k1, (uint64_t)(i)) < t32)))
+#define DRAW_LOOP(BODY)                                                                                           \
+    PRAGMA(omp parallel for schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN))                         \
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {                                                       \
+        uint32_t u[BLOCK];                                                                                        \
+        block_bits(k0, k1, (uint64_t)start, u);                                                                   \
+        Py_ssize_t len = n - start < BLOCK ? n - start : BLOCK;                                                   \
+        PRAGMA_SIMD for (Py_ssize_t j = 0; j < len; ++j) {                                                        \
+            Py_ssize_t i = start + j;                                                                             \
+            uint32_t drawn = all | (uint32_t)(u[j] < t32);                                                        \
+            BODY                                                                                                  \
+        }                                                                                                         \
+    }
 
 MULTIVERSION static void draw_forward_f32(const float *x, float *y, Py_ssize_t n, uint32_t k0, uint32_t k1,
                                           uint32_t all, uint32_t t32, int negative_only, int nthreads) {
     const uint32_t *xb = (const uint32_t *)x;
     uint32_t *yb = (uint32_t *)y;
-#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
-    for (Py_ssize_t i = 0; i < n; ++i) {
+    DRAW_LOOP({
         float xi = x[i];
-        uint32_t m = DRAW(i) & (negative_only ? (uint32_t)(xi < 0.0f) : 1u);
+        uint32_t m = drawn & (negative_only ? (uint32_t)(xi < 0.0f) : 1u);
         uint32_t keep = (uint32_t)(xi > 0.0f) | (uint32_t)(xi != xi); /* relu keeps x > 0 and NaN, else +0 */
         yb[i] = sel32(m, yb[i], xb[i] & (0u - keep));
-    }
+    })
 }
 
 MULTIVERSION static void draw_forward_bf16(const uint16_t *x, uint16_t *y, Py_ssize_t n, uint32_t k0, uint32_t k1,
                                            uint32_t all, uint32_t t32, int negative_only, int nthreads) {
-#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
-    for (Py_ssize_t i = 0; i < n; ++i) {
+    DRAW_LOOP({
         float xf = bf16_to_f32(x[i]);
-        uint32_t m = DRAW(i) & (negative_only ? (uint32_t)(xf < 0.0f) : 1u);
+        uint32_t m = drawn & (negative_only ? (uint32_t)(xf < 0.0f) : 1u);
         uint32_t keep = (uint32_t)(xf > 0.0f) | (uint32_t)(xf != xf);
         y[i] = sel16(m, y[i], (uint16_t)(x[i] & (0u - keep)));
-    }
+    })
 }
 
 MULTIVERSION static void draw_backward_f32(const float *x, const float *g, float *gx, Py_ssize_t n, uint32_t k0,
@@ -117,25 +137,23 @@ MULTIVERSION static void draw_backward_f32(const float *x, const float *g, float
                                            int nthreads) {
     const uint32_t *gb = (const uint32_t *)g;
     uint32_t *ob = (uint32_t *)gx;
-#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
-    for (Py_ssize_t i = 0; i < n; ++i) {
+    DRAW_LOOP({
         float xi = x[i];
-        uint32_t m = DRAW(i) & (negative_only ? (uint32_t)(xi < 0.0f) : 1u);
+        uint32_t m = drawn & (negative_only ? (uint32_t)(xi < 0.0f) : 1u);
         uint32_t pass = (uint32_t)!(xi <= 0.0f); /* torch's threshold_backward: 0 where x <= 0 */
         ob[i] = sel32(m, ob[i], gb[i] & (0u - pass));
-    }
+    })
 }
 
 MULTIVERSION static void draw_backward_bf16(const uint16_t *x, const uint16_t *g, uint16_t *gx, Py_ssize_t n,
                                             uint32_t k0, uint32_t k1, uint32_t all, uint32_t t32, int negative_only,
                                             int nthreads) {
-#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n > PARALLEL_MIN)
-    for (Py_ssize_t i = 0; i < n; ++i) {
+    DRAW_LOOP({
         float xf = bf16_to_f32(x[i]);
-        uint32_t m = DRAW(i) & (negative_only ? (uint32_t)(xf < 0.0f) : 1u);
+        uint32_t m = drawn & (negative_only ? (uint32_t)(xf < 0.0f) : 1u);
         uint32_t pass = (uint32_t)!(xf <= 0.0f);
         gx[i] = sel16(m, gx[i], (uint16_t)(g[i] & (0u - pass)));
-    }
+    })
 }
 
 /* draw_forward(x, y, n, seed, threshold, negative_only, dtype, nthreads) and
