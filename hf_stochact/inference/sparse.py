@@ -65,15 +65,13 @@ class SparseConfig:
 
 
 class _CallCounter:
-    """Counts sparse and dense calls (eager only: compiled graphs do not count)."""
+    """Counts sparse and dense calls (callers count eager calls only: compiled graphs do not count)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts = {"sparse": 0, "dense": 0}
 
     def add(self, key: str) -> None:
-        if torch.compiler.is_compiling():
-            return
         with self._lock:
             self.counts[key] += 1
 
@@ -111,7 +109,8 @@ class _Wrapper(nn.Module):
         return self
 
     def dense(self, *args: Any) -> Any:
-        self.counter.add("dense")
+        if not torch.compiler.is_compiling():
+            self.counter.add("dense")
         return type(self.original).forward(self.original, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,9 +155,12 @@ class SparseMLP(_Wrapper):
         if not (loop_readable(w_gate, b_gate, w_up, b_up, w_down_t, b_down) and w_gate.is_contiguous()
                 and w_up.is_contiguous() and w_down_t.is_contiguous()):
             return self.dense(x)
-        y, k = kernels.sparse_gated_mlp(x.reshape(-1, shape[-1]), w_gate, b_gate, w_up, b_up, w_down_t, b_down,
-                                        act, self.config.max_density)
-        self.counter.add("sparse" if torch.compiler.is_compiling() or int(k) >= 0 else "dense")
+        args = (x.reshape(-1, shape[-1]), w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, self.config.max_density)
+        if torch.compiler.is_compiling():
+            y, _ = kernels.sparse_gated_mlp(*args)  # the operator, traced (calls are not counted)
+        else:
+            y, k = kernels.sparse_gated_mlp_validated(*args)
+            self.counter.add("sparse" if k >= 0 else "dense")
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
@@ -183,7 +185,8 @@ class SparseDownProjection(_Wrapper):
         if not (loop_readable(w_t, self.original.bias) and w_t.is_contiguous()):
             return self.dense(h)
         y, k = kernels.sparse_down(h.reshape(-1, shape[-1]), w_t, self.original.bias, self.config.max_density)
-        self.counter.add("sparse" if torch.compiler.is_compiling() or int(k) >= 0 else "dense")
+        if not torch.compiler.is_compiling():
+            self.counter.add("sparse" if int(k) >= 0 else "dense")
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

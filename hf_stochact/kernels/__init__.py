@@ -116,6 +116,18 @@ def sparse_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor
     return torch.ops.hf_stochact.sparse_gated_mlp(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max_density)
 
 
+def sparse_gated_mlp_validated(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None,
+                               w_up: torch.Tensor, b_up: torch.Tensor | None, w_down_t: torch.Tensor,
+                               b_down: torch.Tensor | None, act: int, max_density: float) -> tuple[torch.Tensor, int]:
+    """Eager fast path of :func:`sparse_gated_mlp` for a caller that has checked the weights (plain, CPU,
+    float32/bfloat16, contiguous, consistent): skips the checks, returns k as a Python int. Anything the C loops do
+    not take (C loops off, a non-contiguous or float16 x, too many tokens) goes through :func:`sparse_gated_mlp`."""
+    if c_loops_active() and 1 <= x.shape[0] <= MAX_TOKENS and loop_readable(x) and x.is_contiguous():
+        return ops.sparse_gated_c(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max_density)
+    y, k = sparse_gated_mlp(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max_density)
+    return y, int(k)
+
+
 def sparse_down(h: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None,
                 max_density: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, k)`` for ``y = h @ w_t + bias`` (``w_t`` [d_in, d_out]) reading only rows where some token of ``h``

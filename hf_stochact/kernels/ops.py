@@ -156,30 +156,41 @@ def _check_gated(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down) -> None:
                          "[d_ff, d], [d_ff, d_out])")
 
 
+def sparse_gated_c(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act: int, max_density: float):
+    """The C loops on tensors already validated (:func:`loop_readable`, contiguous, consistent shapes, 1 to
+    MAX_TOKENS tokens): ``(y in x's dtype, k as a Python int)``. Called by the CPU kernel below and, in eager mode,
+    directly by sparsify's wrapper (which validates the module's weights itself)."""
+    tokens, d = x.shape
+    d_ff, d_out = w_down_t.shape
+    io = 1 if x.dtype == torch.bfloat16 else 0  # bfloat16 in and out: the loop converts
+    xc = x.contiguous() if io else _f32(x)
+    bg, bu, bd = _f32(b_gate), _f32(b_up), _f32(b_down)
+    g = torch.empty(tokens, d_ff)
+    y = torch.empty(tokens, d_out, dtype=torch.bfloat16 if io else torch.float32)
+    gate_ptr = w_gate.data_ptr()
+    if w_gate.dtype == torch.float32 and w_gate.numel() >= TORCH_GATE_MIN:
+        torch.mm(xc, w_gate.t(), out=g)
+        if bg is not None:
+            g += bg
+        gate_ptr = 0  # the C call takes the gate pre-activation from g
+    k = _C.sparse_gated_mlp(xc.data_ptr(), gate_ptr, _ptr(bg), w_up.data_ptr(), _ptr(bu), w_down_t.data_ptr(),
+                            _ptr(bd), g.data_ptr(), y.data_ptr(), d, d_ff, tokens, int(max_density * d_ff), act,
+                            DTYPE_CODES[w_gate.dtype], io, torch.get_num_threads())
+    if k < 0:  # too many active neurons: finish densely from the gate the loop computed
+        y = F.linear(g.to(x.dtype) * F.linear(x, w_up, b_up), w_down_t.t(), b_down)
+    elif y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y, k
+
+
 def sparse_gated_cpu(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act: int, max_density: float):
     _check_gated(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down)
     weights_ok = loop_readable(w_gate, w_up, w_down_t) and w_gate.dtype == w_up.dtype == w_down_t.dtype
     if not (c_loops_active() and weights_ok and loop_readable(x) and 1 <= x.shape[0] <= MAX_TOKENS
             and w_gate.is_contiguous() and w_up.is_contiguous() and w_down_t.is_contiguous()):
         return reference.sparse_gated_mlp(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max_density)
-    tokens, d = x.shape
-    d_ff, d_out = w_down_t.shape
-    xf = _f32(x)
-    bg, bu, bd = _f32(b_gate), _f32(b_up), _f32(b_down)
-    g = torch.empty(tokens, d_ff)
-    y = torch.empty(tokens, d_out)
-    gate_ptr = w_gate.data_ptr()
-    if w_gate.dtype == torch.float32 and w_gate.numel() >= TORCH_GATE_MIN:
-        torch.mm(xf, w_gate.t(), out=g)
-        if bg is not None:
-            g += bg
-        gate_ptr = 0  # the C call takes the gate pre-activation from g
-    k = _C.sparse_gated_mlp(xf.data_ptr(), gate_ptr, _ptr(bg), w_up.data_ptr(), _ptr(bu), w_down_t.data_ptr(),
-                            _ptr(bd), g.data_ptr(), y.data_ptr(), d, d_ff, tokens, int(max_density * d_ff), act,
-                            DTYPE_CODES[w_gate.dtype], torch.get_num_threads())
-    if k < 0:  # too many active neurons: finish densely from the gate the loop computed
-        y = F.linear(g.to(x.dtype) * F.linear(x, w_up, b_up), w_down_t.t(), b_down)
-    return y if y.dtype == x.dtype else y.to(x.dtype), torch.scalar_tensor(k, dtype=torch.int64)
+    y, k = sparse_gated_c(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max_density)
+    return y, torch.scalar_tensor(k, dtype=torch.int64)
 
 
 def sparse_down_cpu(h, w_t, bias, max_density: float):

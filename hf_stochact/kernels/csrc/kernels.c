@@ -62,6 +62,13 @@
 #define PARALLEL_MIN (1 << 16) /* below this many elements one thread is faster than waking a team */
 #define MAX_T 16               /* tokens per sparse call */
 
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch; NaN stays a quiet NaN */
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40u);
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
     float f;
@@ -341,14 +348,15 @@ static Py_ssize_t union_nonzero(const float *a, Py_ssize_t T, Py_ssize_t n, int6
     return k;
 }
 
-/* sparse_gated_mlp(x, wg, bg, wu, bu, wdt, bd, g, y, d, dff, T, max_active, act, dtype, nthreads) -> k, -1 or -2
- * wg == 0: the caller already wrote the gate pre-activation (with its bias) into g. act: 0 ReLU, 1 ReLU^2. */
+/* sparse_gated_mlp(x, wg, bg, wu, bu, wdt, bd, g, y, d, dff, T, max_active, act, dtype, io, nthreads) -> k or -1
+ * wg == 0: the caller already wrote the gate pre-activation (with its bias) into g. act: 0 ReLU, 1 ReLU^2.
+ * io: 0 = x and y float32, 1 = x and y bfloat16 (converted here, saving two torch dispatches per call). */
 static PyObject *py_sparse_gated_mlp(PyObject *self, PyObject *args) {
     unsigned long long x, wg, bg, wu, bu, wdt, bd, g, y;
     Py_ssize_t d, dff, T, max_active;
-    int act, dtype, nthreads;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKnnnniii", &x, &wg, &bg, &wu, &bu, &wdt, &bd, &g, &y, &d, &dff, &T,
-                          &max_active, &act, &dtype, &nthreads))
+    int act, dtype, io, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKnnnniiii", &x, &wg, &bg, &wu, &bu, &wdt, &bd, &g, &y, &d, &dff, &T,
+                          &max_active, &act, &dtype, &io, &nthreads))
         return NULL;
     if (T < 1 || T > MAX_T) {
         PyErr_Format(PyExc_ValueError, "tokens per call must be in [1, %d], got %zd", MAX_T, T);
@@ -357,14 +365,22 @@ static PyObject *py_sparse_gated_mlp(PyObject *self, PyObject *args) {
     Py_ssize_t k = 0;
     int64_t *ix = (int64_t *)malloc((size_t)dff * sizeof(int64_t));
     float *hf = (float *)malloc((size_t)(T * dff) * sizeof(float));
-    if (ix == NULL || hf == NULL) {
+    float *io_buf = io ? (float *)malloc((size_t)(2 * T * d) * sizeof(float)) : NULL;
+    if (ix == NULL || hf == NULL || (io && io_buf == NULL)) {
         free(ix);
         free(hf);
+        free(io_buf);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    float *gf = (float *)g, *yf = (float *)y;
+    float *gf = (float *)g;
     const float *xf = (const float *)x;
+    float *yf = (float *)y;
+    if (io) { /* bfloat16 in and out: float32 copies of x and y in the scratch */
+        for (Py_ssize_t i = 0; i < T * d; ++i) io_buf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        xf = io_buf;
+        yf = io_buf + T * d;
+    }
     /* 1. dense gate + activation */
     if (wg) rows_dot((const void *)wg, dtype, xf, NULL, dff, d, T, (const float *)bg, gf, dff, nthreads);
     for (Py_ssize_t t = 0; t < T; ++t)
@@ -382,10 +398,13 @@ static PyObject *py_sparse_gated_mlp(PyObject *self, PyObject *args) {
             for (Py_ssize_t j = 0; j < k; ++j) hf[t * k + j] *= gf[t * dff + ix[j]];
         /* 4. down: y = h @ WdT[idx] + bd */
         rows_axpy((const void *)wdt, dtype, hf, ix, yf, (const float *)bd, d, k, T, nthreads);
+        if (io)
+            for (Py_ssize_t i = 0; i < T * d; ++i) ((uint16_t *)y)[i] = f32_to_bf16(yf[i]);
     }
     Py_END_ALLOW_THREADS
     free(ix);
     free(hf);
+    free(io_buf);
     return PyLong_FromSsize_t(k <= max_active ? k : -1);
 }
 
@@ -436,7 +455,7 @@ static PyMethodDef methods[] = {
     {"draw_backward", py_draw_backward, METH_VARARGS,
      "draw_backward(x, g, gx, n, seed, threshold, negative_only, dtype, nthreads): gx <- m ? gx : relu'(x) g"},
     {"sparse_gated_mlp", py_sparse_gated_mlp, METH_VARARGS,
-     "sparse_gated_mlp(x, wg, bg, wu, bu, wdt, bd, g, y, d, dff, T, max_active, act, dtype, nthreads) -> k or -1"},
+     "sparse_gated_mlp(x, wg, bg, wu, bu, wdt, bd, g, y, d, dff, T, max_active, act, dtype, io, nthreads) -> k or -1"},
     {"sparse_down", py_sparse_down, METH_VARARGS,
      "sparse_down(h, wt, b, y, dff, d, T, max_active, dtype, nthreads) -> k or -1"},
     {"has_openmp", py_has_openmp, METH_NOARGS, "whether the loops were built with OpenMP"},
