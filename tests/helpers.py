@@ -25,3 +25,20 @@ def training_args(out, **kwargs):
                     dataloader_num_workers=0)
     defaults.update(kwargs)
     return tf.TrainingArguments(**defaults)
+
+
+def eager_and_compiled_steps(model, ids, seed=11):
+    """[(loss, grads)] of one training step run eagerly and under torch.compile(fullgraph=True), each from the same
+    seed (with inductor's fallback_random both draw the same masks)."""
+
+    def step(m):
+        return m(input_ids=ids, labels=ids).loss
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        model.zero_grad()
+        torch.manual_seed(seed)
+        loss = fn(model)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    return results

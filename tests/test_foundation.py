@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from helpers import tiny_llama
+from helpers import eager_and_compiled_steps, tiny_llama
 
 import hf_stochact
 from hf_stochact import StochasticActivation, find_mlps, kernels, set_activation, sparse_stats, sparsify, unsparsify
@@ -131,13 +131,7 @@ def test_compiled_training_step_equals_eager():
         return m(input_ids=ids, labels=ids).loss
 
     assert _graph_breaks(step, model).graph_break_count == 0
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
-        model.zero_grad()
-        torch.manual_seed(11)
-        loss = fn(model)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    results = eager_and_compiled_steps(model, ids)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,7 @@ gradients against float64, nothing saved beyond x and the seed, compiled = eager
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import eager_and_compiled_steps, tiny_llama
 
 from hf_stochact import StochasticActivation, kernels
 from hf_stochact.kernels import reference
@@ -55,16 +55,7 @@ def test_cuda_compiled_training_step_equals_eager():
     model = tiny_llama("stochastic").cuda().train()
     ids = torch.randint(3, 97, (2, 16), device="cuda")
 
-    def step(m):
-        return m(input_ids=ids, labels=ids).loss
-
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
-        model.zero_grad()
-        torch.manual_seed(3)
-        loss = fn(model)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    results = eager_and_compiled_steps(model, ids, seed=3)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -337,6 +337,13 @@ MULTIVERSION static void rows_axpy(const void *WT, int dtype, const float *h, co
 }
 
 
+/* the token count both sparse entry points accept (sets a Python error otherwise) */
+static int tokens_ok(Py_ssize_t T) {
+    if (T >= 1 && T <= MAX_T) return 1;
+    PyErr_Format(PyExc_ValueError, "tokens per call must be in [1, %d], got %zd", MAX_T, T);
+    return 0;
+}
+
 /* union of non-zero columns of a [T, n] float32 matrix into idx; returns k */
 static Py_ssize_t union_nonzero(const float *a, Py_ssize_t T, Py_ssize_t n, int64_t *idx) {
     Py_ssize_t k = 0;
@@ -358,10 +365,7 @@ static PyObject *py_sparse_gated_mlp(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKKKKKKKnnnniiii", &x, &wg, &bg, &wu, &bu, &wdt, &bd, &g, &y, &d, &dff, &T,
                           &max_active, &act, &dtype, &io, &nthreads))
         return NULL;
-    if (T < 1 || T > MAX_T) {
-        PyErr_Format(PyExc_ValueError, "tokens per call must be in [1, %d], got %zd", MAX_T, T);
-        return NULL;
-    }
+    if (!tokens_ok(T)) return NULL;
     Py_ssize_t k = 0;
     int64_t *ix = (int64_t *)malloc((size_t)dff * sizeof(int64_t));
     float *hf = (float *)malloc((size_t)(T * dff) * sizeof(float));
@@ -415,10 +419,7 @@ static PyObject *py_sparse_down(PyObject *self, PyObject *args) {
     int dtype, nthreads;
     if (!PyArg_ParseTuple(args, "KKKKnnnnii", &h, &wt, &b, &y, &dff, &d, &T, &max_active, &dtype, &nthreads))
         return NULL;
-    if (T < 1 || T > MAX_T) {
-        PyErr_Format(PyExc_ValueError, "tokens per call must be in [1, %d], got %zd", MAX_T, T);
-        return NULL;
-    }
+    if (!tokens_ok(T)) return NULL;
     Py_ssize_t k = 0;
     int64_t *ix = (int64_t *)malloc((size_t)dff * sizeof(int64_t));
     float *hk = (float *)malloc((size_t)(T * dff) * sizeof(float));
