@@ -4,7 +4,8 @@ Each variant runs a stack of ``--blocks`` gated MLPs (residual, d = 2048, d_ff =
 8 x 2048 tokens; time per forward + backward (CUDA events, variants interleaved, medians), peak memory above the
 weights and gradients, and bytes saved for backward per FFN hidden element above SiLU (saved_tensors_hooks, distinct
 storages). Variants: silu, relu, stochastic (hf_stochact; eager = the draw's own fused kernels, compiled = the whole
-stack under torch.compile), stochastic with the plain unfused torch ops, and the naive rand_like + where form.
+stack under torch.compile), stochastic through the operator (``kernels.CUDA_THROUGH_OPERATOR``: opaque to the
+compiled graph), stochastic with the plain unfused torch ops, and the naive rand_like + where form.
 
     python examples/bench_gpu_activation.py --out docs/activation_cost_gpu.json    # needs CUDA
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hf_stochact
+from hf_stochact import kernels
 from hf_stochact.kernels import reference
 
 
@@ -68,7 +70,7 @@ def main() -> None:
     x = torch.randn(args.batch, args.seq, args.d, device=dev, dtype=torch.bfloat16)
     hidden = args.blocks * args.batch * args.seq * args.d_ff
 
-    names = ["silu", "relu", "stochastic", "stochastic-unfused", "naive"]
+    names = ["silu", "relu", "stochastic", "stochastic-op", "stochastic-unfused", "naive"]
     variants = {}
     for name in names:
         for mode in ("eager", "compiled"):
@@ -82,6 +84,7 @@ def main() -> None:
     def run(key):
         name, stack, fn = variants[key]
         reference.FUSE_OFF_CPU = name != "stochastic-unfused"
+        kernels.CUDA_THROUGH_OPERATOR = name == "stochastic-op"
         stack.zero_grad(set_to_none=True)
         fn(x).float().pow(2).mean().backward()
 
@@ -106,6 +109,7 @@ def main() -> None:
                 return t
 
             reference.FUSE_OFF_CPU = name != "stochastic-unfused"
+            kernels.CUDA_THROUGH_OPERATOR = name == "stochastic-op"
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = stack(x)
             del out

@@ -59,3 +59,19 @@ def test_cuda_compiled_training_step_equals_eager():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_operator_route_equals_traced_route(monkeypatch):
+    x = torch.randn(300, 257, device="cuda", requires_grad=True)
+    seed = kernels.new_seed("cuda")
+    g = torch.randn_like(x)
+    outs = []
+    for through_op in (False, True):
+        monkeypatch.setattr(kernels, "CUDA_THROUGH_OPERATOR", through_op)
+        x.grad = None
+        y = kernels.silu_relu_draw(x, seed, 0.3)
+        y.backward(g)
+        outs.append((y.detach(), x.grad.clone()))
+    assert torch.equal(outs[0][0] == 0, outs[1][0] == 0)
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])

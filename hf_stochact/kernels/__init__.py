@@ -41,6 +41,11 @@ __all__ = [
 ]
 
 _SEED_HIGH = 2**62
+#: On CUDA, route the element-wise draw through the operator (opaque to a compiled graph, which then saves only x and
+#: the seed for backward) instead of the traced torch ops (which inductor fuses with their neighbours, but whose
+#: partitioner stored the mask: +1 byte/element on the H100, docs/activation_cost_gpu.md). Off by default: this route
+#: is covered by tests/test_gpu.py and examples/bench_gpu_activation.py but has not yet run on a device.
+CUDA_THROUGH_OPERATOR = False
 _U64 = 2**64 - 1
 
 
@@ -97,7 +102,7 @@ def silu_relu_draw(x: torch.Tensor, seed: torch.Tensor, p: float, negative_only:
     Differentiable; backward saves only ``x`` and the seed.
     """
     t = threshold(p)
-    if granularity == "element" and x.device.type == "cpu":
+    if granularity == "element" and (x.device.type == "cpu" or (CUDA_THROUGH_OPERATOR and x.device.type == "cuda")):
         return torch.ops.hf_stochact.silu_relu_draw(x, seed, t, negative_only)
     return reference.SiluReluDraw.apply(x, seed, t, negative_only, granularity)
 

@@ -109,10 +109,20 @@ def _draw_backward_cpu(grad: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, 
     return grad_x
 
 
+def _draw_cuda(x, seed, threshold: int, negative_only: bool):
+    return reference.fused(reference.silu_relu_draw, x.device)(x, seed, threshold, negative_only)
+
+
+def _draw_backward_cuda(grad, x, seed, threshold: int, negative_only: bool):
+    return reference.fused(reference.silu_relu_draw_backward, x.device)(grad, x, seed, threshold, negative_only)
+
+
 LIB.impl("silu_relu_draw", reference.silu_relu_draw, "CompositeExplicitAutograd")
 LIB.impl("silu_relu_draw", _draw_cpu, "CPU")
+LIB.impl("silu_relu_draw", _draw_cuda, "CUDA")  # the torch ops, fused by torch.compile at run time
 LIB.impl("silu_relu_draw_backward", reference.silu_relu_draw_backward, "CompositeExplicitAutograd")
 LIB.impl("silu_relu_draw_backward", _draw_backward_cpu, "CPU")
+LIB.impl("silu_relu_draw_backward", _draw_backward_cuda, "CUDA")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::silu_relu_draw", lib=LIB)

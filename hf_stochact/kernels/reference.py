@@ -106,7 +106,7 @@ _FUSED: dict = {}
 _RECOMPILE_LIMIT = 64
 
 
-def _fused(fn, device: torch.device):
+def fused(fn, device: torch.device):
     if not FUSE_OFF_CPU or device.type in ("cpu", "meta") or torch.compiler.is_compiling():
         return fn
     if fn not in _FUSED:
@@ -127,12 +127,12 @@ class SiluReluDraw(torch.autograd.Function):
     def forward(ctx, x, seed, p_threshold: int, negative_only: bool, granularity: str):
         ctx.save_for_backward(x, seed)
         ctx.draw = (p_threshold, negative_only, granularity)
-        return _fused(silu_relu_draw, x.device)(x, seed, p_threshold, negative_only, granularity)
+        return fused(silu_relu_draw, x.device)(x, seed, p_threshold, negative_only, granularity)
 
     @staticmethod
     def backward(ctx, grad):
         x, seed = ctx.saved_tensors
-        grad_x = _fused(silu_relu_draw_backward, x.device)(grad, x, seed, *ctx.draw)
+        grad_x = fused(silu_relu_draw_backward, x.device)(grad, x, seed, *ctx.draw)
         return grad_x, None, None, None, None
 
 
