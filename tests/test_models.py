@@ -7,6 +7,7 @@ import textwrap
 import pytest
 import torch
 import transformers as tf
+from helpers import tiny_llama
 
 import hf_stochact
 from hf_stochact import CONFIG_KEY, StochasticActivation, activation_field, configure, get_spec, stochastic_modules
@@ -151,3 +152,18 @@ def test_loading_without_the_plugin_fails_with_keyerror(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "KeyError 'stochastic'" in out.stdout, out.stdout + out.stderr
+
+
+def test_k_way_choices_keep_their_order_and_masks_through_save_and_load(tmp_path):
+    """choices are saved as an ordered list of pairs: after reload the same seed draws the same masks."""
+    model = tiny_llama("stochastic")
+    configure(model, choices={"silu": 0.3, "relu": 0.5, "gelu": 0.2})  # not in sorted order
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert get_spec(loaded).choices == (("silu", 0.3), ("relu", 0.5), ("gelu", 0.2))
+    act, act_loaded = model.model.layers[0].mlp.act_fn.train(), loaded.model.layers[0].mlp.act_fn.train()
+    x = -torch.rand(4096) - 0.5
+    torch.manual_seed(3)
+    a = act(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, act_loaded(x))
