@@ -99,14 +99,22 @@ def is_projection(layer: nn.Module | None) -> bool:
     return layer is not None and isinstance(_unwrap(layer), PROJECTION_TYPES)
 
 
+def param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` for a registered parameter (or None), without ``nn.Module.__getattr__``'s cost."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name, None)
+
+
 def linear_weight(layer: nn.Module) -> torch.Tensor:
     """The weight of an ``nn.Linear`` or ``Conv1D`` as [out, in] (a view for Conv1D)."""
-    return layer.weight.t() if isinstance(_unwrap(layer), Conv1D) else layer.weight
+    weight = param(layer, "weight")
+    return weight.t() if isinstance(_unwrap(layer), Conv1D) else weight
 
 
 def down_rows(layer: nn.Module) -> torch.Tensor:
     """The down projection's weight as [d_ff, d]: row i is neuron i's output direction (a view, no copy)."""
-    return layer.weight if isinstance(_unwrap(layer), Conv1D) else layer.weight.t()
+    weight = param(layer, "weight")
+    return weight if isinstance(_unwrap(layer), Conv1D) else weight.t()
 
 
 @dataclasses.dataclass(eq=False)
@@ -152,13 +160,19 @@ class MLP:
         return down_rows(self.down).shape[0]
 
     def gate_up(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """(W_gate [d_ff, d], b_gate, W_up [d_ff, d], b_up) of a gated MLP (views of a fused gate_up_proj)."""
-        if not self.layout.gated:
-            raise ValueError(f"{self.path} ({self.layout.name}) is not a gated MLP")
-        if self.layout.fused_gate_up:
-            w, b, half = linear_weight(self.pre), self.pre.bias, self.width
+        """(W_gate [d_ff, d], b_gate, W_up [d_ff, d], b_up) of a gated MLP (views of a fused gate_up_proj).
+
+        On the hot path of sparsify's decode step: plain dict lookups, no ``nn.Module.__getattr__``."""
+        layout, modules = self.layout, self.module._modules
+        if not layout.gated:
+            raise ValueError(f"{self.path} ({layout.name}) is not a gated MLP")
+        pre = modules[layout.pre]
+        w, b = linear_weight(pre), param(pre, "bias")
+        if layout.fused_gate_up:
+            half = w.shape[0] // 2
             return w[:half], None if b is None else b[:half], w[half:], None if b is None else b[half:]
-        return linear_weight(self.pre), self.pre.bias, linear_weight(self.up), self.up.bias
+        up = modules[layout.up]
+        return w, b, linear_weight(up), param(up, "bias")
 
     def down_column_norms(self) -> torch.Tensor:
         """||W_down[:, i]|| per neuron i, float32 [d_ff]."""

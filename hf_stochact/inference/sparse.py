@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import loop_readable
-from ..layouts import MLP, down_rows, find_mlps, relu_kind
+from ..layouts import MLP, down_rows, find_mlps, param, relu_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +79,6 @@ class _CallCounter:
 def _needs_grad(module: nn.Module, x: torch.Tensor) -> bool:
     """The loops have no backward: while autograd records (training), stay on the dense path."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
-def _param(module: nn.Module, name: str) -> torch.Tensor | None:
-    """``module.<name>`` for a registered parameter (or None), without nn.Module.__getattr__'s cost."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name, None)
 
 
 class _Wrapper(nn.Module):
@@ -142,16 +136,9 @@ class SparseMLP(_Wrapper):
         shape = x.shape
         if act is None or x.numel() > self.config.max_tokens * shape[-1] or not x.is_cpu or _needs_grad(self, x):
             return self.dense(x)
-        pre, down = modules[layout.pre], modules[layout.down]
-        w_gate, b_gate = _param(pre, "weight"), _param(pre, "bias")
-        if layout.fused_gate_up:
-            half = w_gate.shape[0] // 2
-            w_up, b_up = w_gate[half:], None if b_gate is None else b_gate[half:]
-            w_gate, b_gate = w_gate[:half], None if b_gate is None else b_gate[:half]
-        else:
-            up = modules[layout.up]
-            w_up, b_up = _param(up, "weight"), _param(up, "bias")
-        w_down_t, b_down = down_rows(down), _param(down, "bias")
+        w_gate, b_gate, w_up, b_up = self.mlp.gate_up()
+        down = modules[layout.down]
+        w_down_t, b_down = down_rows(down), param(down, "bias")
         if not (loop_readable(w_gate, b_gate, w_up, b_up, w_down_t, b_down) and w_gate.is_contiguous()
                 and w_up.is_contiguous() and w_down_t.is_contiguous()):
             return self.dense(x)
@@ -234,7 +221,7 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, **kwargs: Any
         else:
             wrapper = SparseDownProjection(mlp, cfg)
             target = f"{mlp.path}.{mlp.layout.down}" if mlp.path else mlp.layout.down
-        wrapper.relaid = _rows_layout(mlp.down if mlp.layout.gated else wrapper.original)
+        wrapper.relaid = _rows_layout(mlp.down)
         if not target:
             return wrapper
         _replace(model, target, wrapper)
@@ -249,10 +236,10 @@ def unsparsify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify`: the original modules back in place, ``W_down`` back in its contiguous layout.
     Returns ``model`` (for a bare wrapper, the original module)."""
     for path, wrapper in _wrappers(model):
-        if wrapper.relaid:
-            down = wrapper.mlp.down if isinstance(wrapper, SparseMLP) else wrapper.original
+        if wrapper.relaid:  # the Parameter is shared by the wrapper and the original projection
+            weight = wrapper.mlp.down.weight
             with torch.no_grad():
-                down.weight.data = down.weight.detach().contiguous()
+                weight.data = weight.detach().contiguous()
         wrapper.original.training = wrapper.training
         if not path:
             return wrapper.original
