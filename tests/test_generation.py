@@ -8,6 +8,7 @@ from transformers.generation.utils import GenerationMixin
 
 import hf_stochact
 from hf_stochact import StochasticActivation, ffn_activations, set_generation_defaults, stochastic_decoding
+from hf_stochact.activations import scope
 
 ORIGINAL_GENERATE = GenerationMixin.generate.__wrapped__
 
@@ -38,15 +39,25 @@ def scores(model, seed, **kwargs):
 
 
 def switched(module):
-    """Whether stochastic decoding currently drives this activation module."""
-    return bool(module._forward_hooks) or "forward" in vars(module) or getattr(module, "sampling", None) is True
+    """Whether the current call makes this activation module draw (read inside a forward)."""
+    return scope.draw_for(module) is not None
 
 
-def assert_restored(model):
+def snapshot(model):
+    """Everything a stochastic call must leave as it was: hooks, instance attributes, stochastic settings."""
+    return [(type(m).__name__, tuple(m._forward_hooks.values()), tuple(m._forward_pre_hooks.values()),
+             sorted(vars(m)), getattr(m, "sampling", None), getattr(m, "spec", None))
+            for _, _, _, m in ffn_activations(model)]
+
+
+def assert_restored(model, before=None):
+    assert scope.current() is None, "no per-call state may outlive the call"
     for _, _, _, m in ffn_activations(model):
-        assert not switched(m)
+        assert "forward" not in vars(m)
         if isinstance(m, StochasticActivation):
             assert m.sampling is None
+    if before is not None:
+        assert snapshot(model) == before
 
 
 def test_without_the_flag_generate_is_unchanged(model):
@@ -60,6 +71,7 @@ def test_without_the_flag_generate_is_unchanged(model):
 
 
 def test_flag_samples_every_forward_including_prefill_and_is_reproducible(model):
+    before = snapshot(model)
     det, _ = scores(model, 0)
     a, seq_a = scores(model, 0, stochastic_activation=True, stochastic_p=0.5)
     b, seq_b = scores(model, 0, stochastic_activation=True, stochastic_p=0.5)
@@ -68,17 +80,19 @@ def test_flag_samples_every_forward_including_prefill_and_is_reproducible(model)
     assert not torch.equal(a[0], c[0]), "prefill logits must change with the draw"
     assert not torch.equal(a[-1], c[-1]), "decode-step logits must change with the draw"
     assert not torch.equal(a[0], det[0])
-    assert_restored(model)
+    assert_restored(model, before)
 
 
-def test_stock_p_one_is_the_model_itself_and_p_zero_is_relu():
+def test_stock_p_one_is_the_model_itself_and_p_zero_is_relu_and_both_warn():
     model = tiny_llama("silu").eval()
     det, _ = scores(model, 0)
-    same, _ = scores(model, 3, stochastic_activation=True, stochastic_p=1.0)
+    with pytest.warns(UserWarning, match="draws nothing at random"):
+        same, _ = scores(model, 3, stochastic_activation=True, stochastic_p=1.0)
     torch.testing.assert_close(same, det)
     relu_model = tiny_llama("relu").eval()
     relu, _ = scores(relu_model, 0)
-    swapped, _ = scores(model, 3, stochastic_activation=True, stochastic_p=0.0)
+    with pytest.warns(UserWarning, match="draws nothing at random"):
+        swapped, _ = scores(model, 3, stochastic_activation=True, stochastic_p=0.0)
     torch.testing.assert_close(swapped, relu)
 
 
@@ -206,9 +220,10 @@ def test_stochastic_model_uses_its_own_p_and_eval_is_deterministic():
     assert torch.equal(a, b), "eval mode without the flag: deterministic ReLU"
     seen = []
     act = ffn_activations(model)[0][3]
-    act.register_forward_pre_hook(lambda m, i: seen.append((m.is_sampling, m.p)))
+    act.register_forward_pre_hook(lambda m, i: seen.append((m.is_sampling, scope.draw_for(m).p)))
     scores(model, 0, stochastic_activation=True)
-    assert set(seen) == {(True, 0.2)} and act.p == 0.2 and act.sampling is None
+    assert set(seen) == {(False, 0.2)}, "the call draws with the module's own p, without switching the module"
+    assert act.p == 0.2 and act.sampling is None
 
 
 @pytest.mark.parametrize("p", [1.5, -0.2, float("nan")])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from . import scope
 
 VARIANTS = ("paper", "blog")
 GRANULARITIES = kernels.GRANULARITIES
@@ -36,10 +38,12 @@ _FAST_PAIR = frozenset({"relu", "silu"})
 
 
 def check_probability(name: str, value: Any) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    """``value`` as a float in [0, 1]; anything else (a bool, a string, NaN, out of range) raises naming ``name``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in [0, 1], got {type(value).__name__} {value!r}")
+    value = float(value)
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return value
@@ -134,13 +138,29 @@ class StochasticSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> StochasticSpec:
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, d: Mapping[str, Any] | None, where: str | None = None) -> StochasticSpec:
+        """Build from a settings mapping (e.g. ``config.stochastic_activation``). ``where`` (e.g.
+        ``"stochastic_activation"``) prefixes every error, so it names the field: ``stochastic_activation.p ...``.
+
+        Raises:
+            ValueError: ``d`` is not a mapping, has unknown keys, or a value is invalid.
+        """
+        prefix = f"{where}." if where else ""
+        if d is None:
+            d = {}
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where or 'settings'} must be a mapping of stochastic activation settings such as "
+                             f"{{'p': 0.5, 'variant': 'paper'}}, got {type(d).__name__} {d!r}")
+        d = dict(d)
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(d) - set(allowed)
         if unknown:
-            allowed = [f.name for f in dataclasses.fields(cls)]
-            raise ValueError(f"unknown stochastic activation setting(s) {sorted(unknown)}; allowed: {allowed}")
-        return cls(**d)
+            raise ValueError(f"{where or 'settings'}: unknown setting(s) {sorted(map(str, unknown))}; "
+                             f"allowed: {allowed}")
+        try:
+            return cls(**d)
+        except ValueError as error:  # every message starts with the field's name
+            raise ValueError(f"{prefix}{error}") from None
 
     def replace(self, **changes: Any) -> StochasticSpec:
         merged = self.to_dict()
@@ -175,8 +195,9 @@ class StochasticActivation(nn.Module):
             recomputes the same mask; a generator of your own is not rewound by checkpointing).
 
     Sampling happens in ``train()`` mode. In ``eval()`` mode the module is deterministic (``eval_mode``) unless
-    ``sampling`` is set to True (generation uses this); ``sampling=False`` forces the deterministic path in
-    training too. ``sampling=None`` (default) follows ``self.training``.
+    ``sampling`` is set to True; ``sampling=False`` forces the deterministic path in training too.
+    ``sampling=None`` (default) follows ``self.training``. A stochastic ``generate`` call does not touch these
+    settings: it samples through per-call state (:mod:`hf_stochact.activations.scope`), in its own thread only.
 
     Raises:
         ValueError: on invalid settings (see :class:`StochasticSpec`).
@@ -229,13 +250,15 @@ class StochasticActivation(nn.Module):
 
     # ---- math
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self._spec
-        if not self.is_sampling:
-            return self._deterministic(x)
+        s = scope.draw_for(self)  # set for the duration of a stochastic generate call, in its thread only
+        if s is None:
+            if not self.is_sampling:
+                return self._deterministic(x)
+            s = self._spec
         seed = kernels.new_seed(x.device, self.generator)
         if s.choices is None:
             return kernels.silu_relu_draw(x, seed, s.p, s.variant == "paper", s.granularity)
-        return self._k_way(x, seed)
+        return self._k_way(x, seed, s)
 
     def _region(self, x: torch.Tensor) -> torch.Tensor | None:
         return (x < 0) if self._spec.variant == "paper" else None
@@ -257,15 +280,14 @@ class StochasticActivation(nn.Module):
         region = self._region(x)
         return y if region is None else torch.where(region, y, x)
 
-    def _k_way(self, x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-        s = self._spec
+    def _k_way(self, x: torch.Tensor, seed: torch.Tensor, s: StochasticSpec) -> torch.Tensor:
         cumulative, total = [], 0.0
         for prob in s.probabilities[:-1]:
             total += prob
             cumulative.append(kernels.threshold(total))
         index = kernels.categorical(seed, kernels.mask_shape(tuple(x.shape), s.granularity), tuple(cumulative),
                                     x.device)
-        region = self._region(x)
+        region = (x < 0) if s.variant == "paper" else None
         y = x if region is not None else torch.zeros_like(x)
         for k, name in enumerate(s.candidates):
             chosen = index == k

@@ -20,8 +20,9 @@ How a model is converted (FFNs found through :func:`hf_stochact.layouts.find_mlp
 * Every call decides afresh: the dense path (the original module's own forward) runs for more than ``max_tokens``
   tokens (prefill, large batches), while autograd records, on non-CPU devices, for weights the loops cannot read
   (tensor subclasses such as quantized or DTensor weights, float16, non-contiguous), when the FFN activation is
-  no longer ReLU/ReLU² (changed after sparsify), and inside the operator when more than ``max_density`` of the
-  neurons are active. Per-call state only (no scratch buffer on the module): safe with many threads.
+  no longer ReLU/ReLU² (changed after sparsify) or draws at random in a stochastic ``generate`` call, and inside
+  the operator when more than ``max_density`` of the neurons are active. Per-call state only (no scratch buffer
+  on the module): safe with many threads.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..activations import scope
 from ..kernels import loop_readable
 from ..layouts import MLP, down_rows, find_mlps, param, relu_kind
 
@@ -132,9 +134,11 @@ class SparseMLP(_Wrapper):
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
         # on every decode step of every layer: plain dict lookups, no nn.Module.__getattr__
         layout, modules = self.mlp.layout, self._modules
-        act = relu_kind(modules[layout.activation])  # read every call: an activation changed after sparsify -> dense
+        activation = modules[layout.activation]
+        act = relu_kind(activation)  # read every call: an activation changed after sparsify -> dense
         shape = x.shape
-        if act is None or x.numel() > self.config.max_tokens * shape[-1] or not x.is_cpu or _needs_grad(self, x):
+        if act is None or scope.draw_for(activation) is not None or x.numel() > self.config.max_tokens * shape[-1] \
+                or not x.is_cpu or _needs_grad(self, x):
             return self.dense(x)
         w_gate, b_gate, w_up, b_up = self.mlp.gate_up()
         down = modules[layout.down]

@@ -6,7 +6,9 @@ patch                                     why
 ``ACT2FN`` / ``ACT2CLS`` entries          ``config.hidden_act = "stochastic"`` (and the learned variants)
                                           builds our module; both tables mutated in place, never rebound
 ``PreTrainedModel.post_init`` wrapper      ``config.stochastic_activation`` reaches the modules of every model
-                                          built (constructor, ``from_config``, ``from_pretrained``)
+                                          built (constructor, ``from_config``, ``from_pretrained``); stock FFN
+                                          activations get the decoding hook (a no-op outside stochastic
+                                          ``generate`` calls); a model class's own ``generate`` is wrapped
 ``GenerationMixin.generate`` wrapper       ``generate(..., stochastic_activation=True)``
 ``CallbackHandler.add_callback`` wrapper   our callbacks run before the reporting integrations, so their
                                           ``on_log`` metrics reach TensorBoard / W&B
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 
 from ..activations import ACTIVATIONS
+from ..inference import decoding
 from . import generation, trainer
 from .config import apply_config
 
@@ -54,7 +57,9 @@ def register_activations() -> None:
 
 
 def hook_post_init() -> None:
-    """Run :func:`~hf_stochact.integration.config.apply_config` at the end of ``PreTrainedModel.post_init``."""
+    """At the end of ``PreTrainedModel.post_init``: :func:`~hf_stochact.integration.config.apply_config`,
+    :func:`~hf_stochact.inference.decoding.attach` and
+    :func:`~hf_stochact.integration.generation.wrap_class_generate`."""
     from transformers import PreTrainedModel
 
     original = getattr(PreTrainedModel, "post_init", None)
@@ -66,6 +71,8 @@ def hook_post_init() -> None:
     def post_init(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         apply_config(self)
+        decoding.attach(self)
+        generation.wrap_class_generate(type(self))
         return result
 
     post_init._hf_stochact = True

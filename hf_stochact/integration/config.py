@@ -63,7 +63,7 @@ def apply_config(model: nn.Module) -> None:
         return
     settings = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     if settings is not None:
-        spec = StochasticSpec.from_dict(settings)
+        spec = StochasticSpec.from_dict(settings, where=CONFIG_KEY)
         for module in modules:
             module.spec = spec
     if getattr(model, "use_kernels", False) or getattr(model, "kernel_config", None) is not None:

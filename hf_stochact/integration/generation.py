@@ -1,157 +1,148 @@
-"""Stochastic decoding: ``model.generate(..., stochastic_activation=True)`` on any transformers model.
+"""``model.generate(..., stochastic_activation=True)`` on any transformers model.
 
-The FFN activations are sampled at every forward pass of decoding -- the prefill and each new token -- so even
-greedy decoding becomes a controlled source of diversity (Lomeli et al., 2025, section on generation).
+What each FFN activation draws: :mod:`hf_stochact.inference.decoding` (one rule per kind of activation).
 
-* Models built with ``"stochastic"`` activations: their modules sample (``sampling=True``) for the call, with
-  their own settings, or with ``stochastic_p`` if given.
-* Models with a stock activation f (SiLU in Llama/Qwen/Mistral, GELU in GPT-2, ...): each FFN element is f(x)
-  with probability ``p`` and ReLU(x) with probability ``1 - p``, whatever the sign of x, so ``p = 1`` is the model
-  itself and ``p = 0`` the (untrained) ReLU swap. For SiLU this is the fast SiLU/ReLU draw of
-  :mod:`hf_stochact.activations`. Default ``p`` for stock models: :data:`DEFAULT_STOCK_P`.
+Keywords (also read from ``generation_config``, so :func:`set_generation_defaults` makes them a saved default):
 
-How: ``import hf_stochact`` wraps ``GenerationMixin.generate`` once. The wrapper removes the two keywords (so
-``_validate_model_kwargs`` never sees them), falls back to ``generation_config.stochastic_activation`` /
-``stochastic_p``, switches only *this* model's FFN activations (the SiLU/ReLU draw as the forward of SiLU modules,
-a forward hook on other stock modules, the sampling switch on stochastic ones) and restores them in a ``finally``.
-Without the flag the original ``generate`` runs untouched. An assistant model (assisted decoding) is left
-deterministic unless ``stochastic_assistant=True``.
+* ``stochastic_activation``: True / False.
+* ``stochastic_p``: the probability of the smooth branch (SiLU or the model's own activation), ``1 - p`` that of
+  ReLU; default per kind of model (:data:`hf_stochact.inference.decoding.RULES`).
+* ``stochastic_assistant``: with ``assistant_model=`` (assisted decoding), make the draft model stochastic too
+  (default False: the draft stays deterministic).
+
+``stochastic_p`` or ``stochastic_assistant`` without stochastic decoding switched on, or any other ``stochastic_*``
+keyword, raises ``ValueError`` (as transformers does for unused model keywords).
+
+How: ``import hf_stochact`` wraps ``GenerationMixin.generate`` once, and the ``generate`` of every model class that
+overrides it (MusicGen, Whisper, ... -- 48 classes in transformers 5.23, wrapped when their first model is built),
+so the keywords are removed before any class validates its keywords. The wrapper that sees a call first decides it
+for the whole call (inner ``super().generate`` calls pass through) and runs it inside
+:func:`~hf_stochact.inference.decoding.stochastic_decoding`: per-call state in the calling thread, nothing on the
+model changes. Without the flag the original ``generate`` runs untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
+import threading
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
-from .. import kernels
-from ..activations import StochasticActivation
 from ..activations.stochastic import check_probability
-from ..layouts import find_mlps
+from ..inference.decoding import stochastic_decoding
 
-#: p (probability of keeping the model's own activation) used for stock-activation models when none is given.
-DEFAULT_STOCK_P = 0.9
-GENERATION_KEYS = ("stochastic_activation", "stochastic_p")
-
-
-def _is_silu(module: nn.Module) -> bool:
-    from transformers.activations import SiLUActivation
-
-    return isinstance(module, (nn.SiLU, SiLUActivation))
+GENERATION_KEYS = ("stochastic_activation", "stochastic_p", "stochastic_assistant")
+_DECIDING = threading.local()  # ids of the models whose generate call this thread is inside
 
 
-def _own_or_relu_hook(p: float):
-    """Forward hook: replace the activation's output by ReLU(x) on a random 1 - p of the elements."""
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A ``generate`` call's stochastic-decoding request, resolved from its keywords and generation config."""
 
-    def hook(module, inputs, output):
-        x = inputs[0]
-        keep = kernels.bernoulli(kernels.new_seed(x.device), tuple(x.shape), kernels.threshold(p), x.device)
-        return torch.where(keep, output, torch.relu(x))
-
-    return hook
+    enabled: bool
+    p: float | None = None
+    assistant: bool = False
 
 
-def _switch_stock(module: nn.Module, p: float):
-    """Make a stock activation module draw between itself and ReLU; returns the undo function.
+def resolve(model: nn.Module, kwargs: dict[str, Any]) -> Request:
+    """Pop hf_stochact's keywords from ``kwargs`` and resolve them against the generation config.
 
-    SiLU gets the fused SiLU/ReLU draw as its forward for the call (no SiLU computed and thrown away); any other
-    activation keeps its forward and a hook swaps a random 1 - p of its outputs for ReLU(x).
+    Raises:
+        ValueError: an unknown ``stochastic_*`` keyword; ``stochastic_activation`` not a bool; ``stochastic_p`` not a
+            number in [0, 1]; ``stochastic_p`` / ``stochastic_assistant`` given while stochastic decoding is off.
     """
-    if _is_silu(module):
-        def draw(x):
-            return kernels.silu_relu_draw(x, kernels.new_seed(x.device), p, negative_only=False)
+    unknown = [k for k in kwargs if k.startswith("stochastic_") and k not in GENERATION_KEYS
+               and k not in _forward_parameters(model)]
+    if unknown:
+        raise ValueError(f"generate: unknown keyword(s) {unknown}; hf_stochact's keywords are "
+                         f"{', '.join(GENERATION_KEYS)}")
+    given = {k: kwargs.pop(k) for k in GENERATION_KEYS if k in kwargs}
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    flag = given.get("stochastic_activation", getattr(config, "stochastic_activation", None))
+    p = given.get("stochastic_p", getattr(config, "stochastic_p", None))
+    assistant = given.get("stochastic_assistant", False)
+    if flag is not None and not isinstance(flag, bool):
+        raise ValueError(f"stochastic_activation must be True or False, got {type(flag).__name__} {flag!r} "
+                         "(set the draw's probability with stochastic_p)")
+    if not isinstance(assistant, bool):
+        raise ValueError(f"stochastic_assistant must be True or False, got {type(assistant).__name__} {assistant!r}")
+    if not flag:
+        unused = [k for k in ("stochastic_p", "stochastic_assistant") if k in given]
+        if unused:
+            raise ValueError(f"generate got {', '.join(unused)} but stochastic decoding is off "
+                             f"(stochastic_activation={flag!r}): pass stochastic_activation=True, or drop "
+                             f"{' and '.join(unused)}")
+        return Request(False)
+    if p is not None:
+        p = check_probability("stochastic_p", p)
+    return Request(True, p, assistant)
 
-        module.forward = draw
-        return functools.partial(delattr, module, "forward")
-    return module.register_forward_hook(_own_or_relu_hook(p)).remove
+
+@functools.lru_cache(maxsize=256)
+def _forward_parameter_names(cls: type) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def _forward_parameters(model: nn.Module) -> frozenset[str]:
+    return _forward_parameter_names(type(model))
 
 
 @contextlib.contextmanager
-def stochastic_decoding(model: nn.Module, p: float | None = None) -> Iterator[int]:
-    """Within the block, every FFN activation of ``model`` samples at each forward (see the module docstring).
-
-    Args:
-        model: any model with FFN activation modules.
-        p: P(SiLU) for stochastic modules (default: their own ``p``); for stock activations, the probability of
-            keeping the model's activation instead of ReLU (default :data:`DEFAULT_STOCK_P`).
-
-    Yields the number of FFN activation modules switched. Everything is restored on exit, also on error.
-
-    Raises:
-        ValueError: ``p`` outside [0, 1], or no FFN activation module in ``model``.
-    """
-    if p is not None:
-        p = check_probability("stochastic_p", p)
-    found = find_mlps(model)
-    if not found:
-        raise ValueError(f"stochastic_activation=True, but {type(model).__name__} has no FFN activation module "
-                         "(looked for activation modules under act_fn / act / activation_fn / intermediate_act_fn / "
-                         "activation)")
-    restore = []
+def _deciding(model: nn.Module) -> Iterator[bool]:
+    """Yields whether an outer ``generate`` of ``model`` in this thread already decided the call."""
+    inside = getattr(_DECIDING, "ids", frozenset())
+    if id(model) in inside:
+        yield True
+        return
+    _DECIDING.ids = inside | {id(model)}
     try:
-        for module in (mlp.activation for mlp in found):
-            if isinstance(module, StochasticActivation):
-                saved = (module.sampling, module.spec)
-                restore.append(functools.partial(_restore_stochastic, module, *saved))
-                module.sampling = True
-                if p is not None:
-                    module.configure(p=p)
-            else:
-                restore.append(_switch_stock(module, DEFAULT_STOCK_P if p is None else p))
-        yield len(found)
+        yield False
     finally:
-        for undo in reversed(restore):
-            undo()
-
-
-def _restore_stochastic(module: StochasticActivation, sampling, spec) -> None:
-    module.sampling = sampling
-    module.spec = spec
-
-
-def _resolve(model, kwargs: dict[str, Any]) -> tuple[bool, float | None]:
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    flag = kwargs.pop("stochastic_activation", None)
-    p = kwargs.pop("stochastic_p", None)
-    if flag is None:
-        flag = getattr(config, "stochastic_activation", None)
-    if p is None:
-        p = getattr(config, "stochastic_p", None)
-    if isinstance(flag, dict):  # {"p": ...} as a spec
-        p = flag.get("p", p) if p is None else p
-        flag = True
-    if flag not in (None, True, False):
-        raise ValueError(f"stochastic_activation must be True, False or a dict like {{'p': 0.5}}, got {flag!r}")
-    return bool(flag), p
+        _DECIDING.ids = inside
 
 
 def _wrap_generate(original):
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
-        if not any(k in kwargs for k in GENERATION_KEYS) and not _config_asks(self, kwargs):
-            return original(self, *args, **kwargs)
-        stochastic_assistant = kwargs.pop("stochastic_assistant", False)
-        flag, p = _resolve(self, kwargs)
-        if not flag:
-            return original(self, *args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(stochastic_decoding(self, p))
-            assistant = kwargs.get("assistant_model")
-            if stochastic_assistant and assistant is not None:
-                stack.enter_context(stochastic_decoding(assistant, p))
-            return original(self, *args, **kwargs)
+        with _deciding(self) as decided:
+            if decided:  # a subclass's generate already took the keywords: its super() call passes through
+                return original(self, *args, **kwargs)
+            request = resolve(self, kwargs)
+            if not request.enabled:
+                return original(self, *args, **kwargs)
+            assistant = kwargs.get("assistant_model") if request.assistant else None
+            with stochastic_decoding(self, request.p, assistant=assistant):
+                return original(self, *args, **kwargs)
 
     generate._hf_stochact = True
     return generate
 
 
-def _config_asks(model, kwargs) -> bool:
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    return bool(getattr(config, "stochastic_activation", False))
+def wrap_class_generate(cls: type) -> bool:
+    """Wrap the ``generate`` of a model class that overrides ``GenerationMixin.generate`` (idempotent; run from
+    ``post_init`` for every model built). Returns whether a wrapper was added."""
+    from transformers.generation.utils import GenerationMixin
+
+    if not issubclass(cls, GenerationMixin):
+        return False
+    for klass in cls.__mro__:
+        if klass is GenerationMixin:
+            return False
+        own = klass.__dict__.get("generate")
+        if own is not None:
+            if getattr(own, "_hf_stochact", False) or not callable(own):
+                return False
+            klass.generate = _wrap_generate(own)
+            return True
+    return False
 
 
 def install() -> None:
@@ -177,10 +168,12 @@ def set_generation_defaults(model: nn.Module, stochastic_activation: bool = True
     generation config derived from the model config drops unknown keys when reloaded).
 
     Raises:
-        ValueError: ``stochastic_p`` outside [0, 1].
+        ValueError: ``stochastic_activation`` not a bool; ``stochastic_p`` not a number in [0, 1].
     """
+    if not isinstance(stochastic_activation, bool):
+        raise ValueError(f"stochastic_activation must be True or False, got {stochastic_activation!r}")
     config = model.generation_config
-    config.stochastic_activation = bool(stochastic_activation)
+    config.stochastic_activation = stochastic_activation
     config.stochastic_p = None if stochastic_p is None else check_probability("stochastic_p", stochastic_p)
     config._from_model_config = False
     return config
