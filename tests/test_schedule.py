@@ -122,6 +122,30 @@ def test_relufies_a_stock_silu_model_and_saves_plain_relu(tmp_path):
     assert [h["stochact/ffn_zero_fraction"] for h in history] == zeros
 
 
+def test_schedule_uses_the_configured_p_and_logs_every_line_without_nan(tmp_path):
+    import math
+
+    model = tiny_llama("stochastic", stochastic_activation={"p": 0.7})
+    trainer, rec = train(model, tmp_path, StochActSchedule(relu_fraction=0.25, monitor_every=3))
+    assert {p for step, kind, p in rec.seen if step < 6} == {0.7}, "the config says 0.7: train at 0.7"
+    logs = [h for h in trainer.sink.logs if "loss" in h]
+    assert len(logs) == 8
+    assert [h.get("stochact/p") for h in logs] == [0.7] * 6 + [None] * 2, "no p in ReLU stages (no NaN)"
+    assert not any(isinstance(v, float) and math.isnan(v) for h in logs for v in h.values())
+    assert all("stochact/ffn_zero_fraction" in h for h in logs), "zero fraction on every log line"
+    steps = [h["stochact/ffn_zero_fraction_step"] for h in logs]
+    assert steps == sorted(steps) and all(st <= i + 1 for i, st in enumerate(steps)) and len(set(steps)) > 1
+    explicit = StochActSchedule(p=0.3, relu_fraction=0.25)
+    explicit.on_train_begin(None, _state(8), None, model=tiny_llama("stochastic", stochastic_activation={"p": 0.7}))
+    assert explicit.stage_at(0, 8) == (0, 0.3), "an explicit p wins over the config"
+
+
+def _state(max_steps):
+    state = tf.TrainerState()
+    state.max_steps = max_steps
+    return state
+
+
 def test_stochastic_model_follows_swi_ft_and_is_swapped(tmp_path):
     model = tiny_llama("stochastic")
     _, rec = train(model, tmp_path, StochActSchedule(preset="swi+ft", relu_fraction=0.5))
@@ -170,3 +194,15 @@ def test_saved_relu_model_loads_in_stock_transformers_with_identical_outputs(tmp
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.stdout.strip().endswith("EQUAL"), out.stdout + out.stderr
+
+
+def test_user_generator_with_gradient_checkpointing_warns(tmp_path):
+    from hf_stochact.training.schedule import warn_generator_with_checkpointing
+
+    model = tiny_llama("stochastic")
+    assert not warn_generator_with_checkpointing(model)
+    model.gradient_checkpointing_enable()
+    assert not warn_generator_with_checkpointing(model), "torch's RNG is rewound by checkpointing: fine"
+    ffn_activations(model)[0][3].generator = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="gradient checkpointing"):
+        StochActSchedule(relu_fraction=0.25).on_train_begin(None, _state(8), None, model=model)

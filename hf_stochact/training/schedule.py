@@ -23,14 +23,19 @@ Mechanics:
 * ``on_train_end`` applies ``final_activation`` (default ``"relu"``): every FFN activation becomes a plain
   ``ACT2FN["relu"]``, the config field says ``"relu"`` and ``config.stochastic_activation`` is removed, so
   ``save_pretrained`` writes a model that stock transformers loads without hf_stochact.
-* ``on_log`` adds ``stochact/stage``, ``stochact/p`` and ``stochact/ffn_zero_fraction`` (exact zeros in the FFN
-  activation outputs, sampled on one forward in ``monitor_every``) to the Trainer's own logs.
+* ``on_log`` adds to the Trainer's own logs, on every log line: ``stochact/stage``; ``stochact/p`` where it has a
+  meaning (two-way stochastic stages; omitted in ReLU/SiLU stages); ``stochact/ffn_zero_fraction`` (exact zeros in
+  the FFN activation outputs, measured on one forward in ``monitor_every``: the latest measurement) with
+  ``stochact/ffn_zero_fraction_step``, the step it was measured at.
+* A stochastic stage without ``p`` (the default preset included) uses the ``p`` of the model's
+  ``config.stochastic_activation``, else 0.5.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,8 +45,9 @@ from transformers import TrainerCallback
 from ..activations import StochasticActivation, StochasticSpec
 from ..activations.stochastic import check_probability, known_activations
 from ..analysis.metrics import SparsityMonitor
+from ..inference import decoding
 from ..inference.sparse import is_sparsified, unsparsify
-from ..integration.config import NAME, set_config_activation
+from ..integration.config import CONFIG_KEY, NAME, model_configs, set_config_activation, stochastic_modules
 from ..layouts import find_mlps, relu_kind
 
 PRESETS = ("stocha+ft", "swi+ft", "keep+ft")
@@ -55,7 +61,8 @@ class Stage:
     Args:
         start: where the stage begins: a float in [0, 1) is a fraction of ``max_steps``, an int >= 0 an optimizer step.
         activation: ``"stochastic"`` or an ``ACT2FN`` name such as ``"silu"`` or ``"relu"``.
-        p: P(SiLU) for a stochastic stage (default 0.5).
+        p: P(SiLU) for a stochastic stage; default: the model's configured p (``config.stochastic_activation``),
+            else 0.5.
         choices: k-way mix for a stochastic stage (``{"relu": .5, "silu": .3, "gelu": .2}``), instead of ``p``.
         ramp: for a stochastic stage, move ``p`` linearly to the next stage's ``p`` (0 if it is ReLU).
         variant, eval_mode, granularity: passed to :class:`StochasticSpec` for a stochastic stage.
@@ -92,13 +99,12 @@ class Stage:
         return StochasticSpec(p=0.5 if p is None else p, variant=self.variant, choices=self.choices,
                               eval_mode=self.eval_mode, granularity=self.granularity)
 
-    @property
-    def end_p(self) -> float:
-        """The p this stage hands to a ramping predecessor."""
+    def end_p(self, default_p: float = 0.5) -> float:
+        """The p this stage hands to a ramping predecessor (``default_p`` for a stochastic stage without one)."""
         if self.activation == "relu":
             return 0.0
         if self.activation == NAME and self.choices is None:
-            return 0.5 if self.p is None else float(self.p)
+            return default_p if self.p is None else float(self.p)
         raise ValueError(f"a ramp must lead into a two-way 'stochastic' or a 'relu' stage, not {self.activation!r}")
 
 
@@ -111,7 +117,8 @@ class StochActSchedule(TrainerCallback):
     Args:
         stages: explicit list of :class:`Stage` (or dicts of its fields). If omitted, ``preset`` builds it.
         preset: ``"stocha+ft"`` (default), ``"swi+ft"`` or ``"keep+ft"``.
-        p: P(SiLU) of the StochA phase of ``"stocha+ft"`` (default 0.5).
+        p: P(SiLU) of the StochA phase of ``"stocha+ft"``; default: the ``p`` in the model's
+            ``config.stochastic_activation`` (what the model was configured with), else 0.5.
         relu_fraction: fraction of total steps, in [0, 1], run with ReLU at the end of a preset (default 0.1).
         final_activation: plain activation installed by ``on_train_end`` (default ``"relu"``); None keeps the
             last stage's modules and config.
@@ -129,7 +136,7 @@ class StochActSchedule(TrainerCallback):
         stages: Sequence[Stage | Mapping[str, Any]] | None = None,
         *,
         preset: str = "stocha+ft",
-        p: float = 0.5,
+        p: float | None = None,
         relu_fraction: float = 0.1,
         final_activation: str | None = "relu",
         monitor_every: int = 10,
@@ -138,7 +145,7 @@ class StochActSchedule(TrainerCallback):
         if stages is None:
             if preset not in PRESETS:
                 raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-            p = check_probability("p", p)
+            p = None if p is None else check_probability("p", p)
             first = {"stocha+ft": Stage(0.0, NAME, p=p), "swi+ft": Stage(0.0, "silu"),
                      "keep+ft": Stage(0.0, KEEP)}[preset]
             if relu_fraction == 1.0:
@@ -151,7 +158,7 @@ class StochActSchedule(TrainerCallback):
         _check_increasing(stages, [s.start for s in stages], "as given")
         for a, b in zip(stages, stages[1:]):
             if a.ramp:
-                b.end_p  # noqa: B018 - raises if the ramp has nowhere to go
+                b.end_p()  # raises if the ramp has nowhere to go
         if stages[-1].ramp:
             raise ValueError("the last stage cannot ramp: there is no next stage to ramp to")
         if any(s.activation == KEEP for s in stages[1:]):
@@ -168,6 +175,8 @@ class StochActSchedule(TrainerCallback):
         self._starts: list[int] | None = None
         self._current: tuple[int, float | None] | None = None
         self._monitor: SparsityMonitor | None = None
+        self._zero_fraction: tuple[float, int] | None = None  # last measured (value, step)
+        self.default_p = 0.5  # p of stochastic stages without one: the model's configured p (on_train_begin)
 
     # ---- the schedule as a function of the step
     def resolve(self, max_steps: int) -> list[int]:
@@ -195,10 +204,10 @@ class StochActSchedule(TrainerCallback):
         stage = self.stages[i]
         if stage.activation != NAME or stage.choices is not None:
             return i, stage.p if stage.activation == NAME else None
-        p = 0.5 if stage.p is None else stage.p
+        p = self.default_p if stage.p is None else stage.p
         if stage.ramp:
             end = starts[i + 1]
-            p = p + (self.stages[i + 1].end_p - p) * (step - starts[i]) / (end - starts[i])
+            p = p + (self.stages[i + 1].end_p(self.default_p) - p) * (step - starts[i]) / (end - starts[i])
         return i, p
 
     # ---- applying a stage to a model
@@ -218,8 +227,11 @@ class StochActSchedule(TrainerCallback):
                              "or num_train_epochs with a dataset of known length")
         if model is None:
             raise ValueError("StochActSchedule needs the model: the Trainer passes it to callbacks")
+        self.default_p = configured_p(model)
+        warn_generator_with_checkpointing(model)
         self._starts = self.resolve(state.max_steps)
         self._current = None
+        self._zero_fraction = None
         if self.monitor_every:
             self._monitor = SparsityMonitor(model, every=self.monitor_every)
         self._step_to(model, state)
@@ -233,10 +245,14 @@ class StochActSchedule(TrainerCallback):
         if logs is None or self._current is None:
             return
         index, p = self._current
-        metrics = {"stochact/stage": index, "stochact/p": float("nan") if p is None else round(p, 6)}
+        metrics = {"stochact/stage": index}
+        if p is not None:  # omitted where it has no meaning (ReLU / SiLU stages, k-way mixes)
+            metrics["stochact/p"] = round(p, 6)
         if self._monitor is not None and self._monitor.stats.total:
-            metrics["stochact/ffn_zero_fraction"] = round(self._monitor.stats.overall, 6)
+            self._zero_fraction = (round(self._monitor.stats.overall, 6), state.global_step)
             self._monitor.stats.reset()
+        if self._zero_fraction is not None:  # the latest measurement, on every log line, with its step
+            metrics["stochact/ffn_zero_fraction"], metrics["stochact/ffn_zero_fraction_step"] = self._zero_fraction
         add_log_metrics(state, logs, metrics)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -284,10 +300,39 @@ def set_activation(model: nn.Module, activation: str, spec: StochasticSpec | Non
             new.spec = spec
         new.train(module.training)
         mlp.set_activation(new)
+        decoding.attach_module(new)  # stochastic generate on the result (e.g. StochA on the final ReLU model)
     if relu_kind(ACT2FN[activation]) is None and is_sparsified(model):
         unsparsify(model)  # the sparse path computes ReLU FFNs only
     set_config_activation(model, activation, spec)
     return len(mlps)
+
+
+def warn_generator_with_checkpointing(model: nn.Module) -> bool:
+    """Warn (and return True) when gradient checkpointing is on and a stochastic module draws from a ``generator`` of
+    its own: checkpointing rewinds torch's RNG for the recomputed forward, not a user generator, so the recomputed
+    masks differ from the forward's and the gradients are wrong."""
+    if not getattr(model, "is_gradient_checkpointing", False):
+        return False
+    owned = [m for m in stochastic_modules(model) if m.generator is not None]
+    if owned:
+        warnings.warn(f"{len(owned)} stochastic activation module(s) draw from their own torch.Generator while "
+                      "gradient checkpointing is on: the recomputed forward draws different masks than the "
+                      "original one, so the gradients are wrong. Set generator=None (torch's RNG, which "
+                      "checkpointing restores) or turn gradient checkpointing off.", UserWarning, stacklevel=2)
+    return bool(owned)
+
+
+def configured_p(model: nn.Module) -> float:
+    """The two-way ``p`` the model is configured with (``config.stochastic_activation``, else its stochastic
+    modules), or 0.5."""
+    for config in model_configs(model):
+        settings = getattr(config, CONFIG_KEY, None)
+        if settings is not None:
+            spec = StochasticSpec.from_dict(settings, where=CONFIG_KEY)
+            return spec.p
+    for module in stochastic_modules(model):
+        return module.p
+    return 0.5
 
 
 def add_log_metrics(state, logs: dict, metrics: dict) -> None:
