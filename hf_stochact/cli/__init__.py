@@ -1,4 +1,9 @@
-"""The ``hf-stochact`` command line: ``demo`` (the main job) and ``relufy``."""
+"""The ``hf-stochact`` command line: ``demo`` (the main job), ``relufy``, ``bench``, ``sparsity``, ``generate``.
+
+Each command's options are the fields of its config dataclass (:mod:`hf_stochact.cli.args`): every flag has help
+text, every value is checked before a model is loaded, and a bad value ends the command with
+``hf-stochact <command>: error: --flag: ...`` and exit status 2 (no traceback).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import argparse
 import dataclasses
 import importlib
 import sys
+
+from .args import UsageError, add_arguments, validate
 
 # command: (module with a <Name>Config dataclass and run(cfg), config class name, help)
 COMMANDS = {
@@ -22,26 +29,24 @@ COMMANDS = {
 }
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    for f in dataclasses.fields(cls):
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default!r})")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-stochact", description="Stochastic activations for transformers models")
     sub = parser.add_subparsers(dest="command", required=True)
+    parsers = {}
     for name, (module, cls_name, help_text) in COMMANDS.items():
         cls = getattr(importlib.import_module(module), cls_name)
-        _add_dataclass_args(sub.add_parser(name, help=help_text, description=help_text), cls)
+        parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(parsers[name], cls)
     args = parser.parse_args(argv)
     module_name, cls_name, _ = COMMANDS[args.command]
     module = importlib.import_module(module_name)
     cls = getattr(module, cls_name)
-    module.run(cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}))
+    cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    try:
+        validate(cfg)  # every value, before any model is loaded
+        module.run(cfg)
+    except UsageError as error:  # also raised while loading a model the checks could not vet (e.g. bad weights)
+        parsers[args.command].error(str(error))
     return 0
 
 

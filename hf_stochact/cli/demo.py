@@ -20,34 +20,44 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
-from ..activations import StochasticSpec
 from ..analysis.metrics import measure_sparsity
 from ..inference.sparse import sparse_stats, sparsify, unsparsify
 from ..integration.config import CONFIG_KEY, stochastic_modules
 from ..layouts import ffn_activations
-from ..training.schedule import StochActSchedule, set_activation
+from ..training.schedule import StochActSchedule
 from . import data
+from .args import UsageError, at_least, option, positive, probability, validate
 
 
 @dataclass
 class DemoConfig:
-    steps: int = 480
-    batch_size: int = 16
-    block_size: int = 128
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    layers: int = 4
-    heads: int = 4
-    vocab_size: int = 2048
-    p: float = 0.5
-    relu_fraction: float = 0.1
-    lr: float = 2e-3
-    train_chars: int = 3_000_000
-    eval_blocks: int = 64
-    seed: int = 0
-    prompt_tokens: int = 24
-    new_tokens: int = 24
-    output_dir: str = "runs/demo"
+    steps: int = option(480, "optimizer steps to train", check=at_least(1))
+    batch_size: int = option(16, "sequences per step", check=at_least(1))
+    block_size: int = option(128, "tokens per sequence (the model's context)", check=at_least(8))
+    hidden_size: int = option(128, "model width (d_model)", check=at_least(8))
+    intermediate_size: int = option(512, "FFN hidden width (d_ff)", check=at_least(8))
+    layers: int = option(4, "number of transformer layers", check=at_least(1))
+    heads: int = option(4, "attention heads (must divide --hidden-size)", check=at_least(1))
+    vocab_size: int = option(2048, "BPE vocabulary trained on the corpus", check=at_least(300))
+    p: float = option(0.5, "StochA's P(SiLU) on negative inputs during training, and stochastic_p when decoding",
+                      check=probability)
+    relu_fraction: float = option(0.1, "fraction of the steps fine-tuned with plain ReLU at the end",
+                                  check=probability)
+    lr: float = option(2e-3, "peak learning rate (cosine schedule, 5%% warm-up)", check=positive)
+    train_chars: int = option(3_000_000, "characters of CPython's stdlib source to train on", check=at_least(10_000))
+    eval_blocks: int = option(64, "held-out blocks for loss, perplexity and sparsity", check=at_least(1))
+    seed: int = option(0, "random seed of the run")
+    prompt_tokens: int = option(24, "held-out prompt length for the decoding demo", check=at_least(1))
+    new_tokens: int = option(24, "tokens decoded in the decoding demo", check=at_least(1))
+    output_dir: str = option("runs/demo", "where the final model is saved (<output-dir>/final)")
+
+    def check(self) -> None:
+        if self.prompt_tokens + self.new_tokens > self.block_size:
+            raise UsageError("--prompt-tokens", f"--prompt-tokens ({self.prompt_tokens}) + --new-tokens "
+                                                f"({self.new_tokens}) must fit in --block-size ({self.block_size}), "
+                                                "the model's context")
+        if self.hidden_size % self.heads:
+            raise UsageError("--heads", f"must divide --hidden-size ({self.hidden_size}), got {self.heads}")
 
 
 def build_corpus(cfg: DemoConfig):
@@ -132,9 +142,7 @@ class _EvalBeforeSwitch(TrainerCallback):
 def run(cfg: DemoConfig) -> dict:
     from transformers import Trainer, set_seed
 
-    if cfg.prompt_tokens < 1 or cfg.new_tokens < 1 or cfg.prompt_tokens + cfg.new_tokens > cfg.block_size:
-        raise ValueError(f"prompt_tokens ({cfg.prompt_tokens}) and new_tokens ({cfg.new_tokens}) must be positive "
-                         f"and fit in block_size ({cfg.block_size}), the model's context")
+    validate(cfg)
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     print(f"[1/5] corpus: CPython {data.stdlib_root()} (split by file), training a {cfg.vocab_size}-token BPE ...")
@@ -191,13 +199,11 @@ def decode_demo(model, tokenizer, prompt: torch.Tensor, cfg: DemoConfig) -> dict
     print(f"  greedy, sparsify(): {show(sparse)}")
     print(f"  sparse FFN path: {stats['sparse']} calls, dense fallback (prefill): {stats['dense']}; "
           f"tokens identical: {same}")
-    # the weights were trained with StochA: decode with it again (p = P(SiLU)), activations resampled every step
-    set_activation(model, "stochastic", StochasticSpec(p=cfg.p))
+    # a ReLU model decodes with StochA (x < 0 -> SiLU with probability p), activations redrawn at every step
     torch.manual_seed(cfg.seed)
-    stochastic = [model.generate(ids, **kw, stochastic_activation=True) for _ in range(3)]
-    set_activation(model, "relu")
+    stochastic = [model.generate(ids, **kw, stochastic_activation=True, stochastic_p=cfg.p) for _ in range(3)]
     for i, out in enumerate(stochastic):
-        print(f"  greedy, stochastic_activation=True (p={cfg.p}) #{i + 1}: {show(out)}")
+        print(f"  greedy, stochastic_activation=True (StochA p={cfg.p}) #{i + 1}: {show(out)}")
     distinct = len({tuple(o[0].tolist()) for o in stochastic})
     print(f"  {distinct} distinct continuations out of 3 with greedy token choice")
     return {"identical": same, "sparse_calls": stats["sparse"], "dense_calls": stats["dense"],

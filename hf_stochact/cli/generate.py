@@ -7,28 +7,37 @@ import dataclasses
 import torch
 
 from .. import integration  # noqa: F401  (generate accepts stochastic_activation once installed)
-from .loading import load_causal_lm
+from .args import at_least, non_negative, option, probability, validate
+from .loading import load_causal_lm, resolve_model
 
 
 @dataclasses.dataclass
 class GenerateConfig:
-    model: str = ""
-    gguf: str = ""
-    prompt: str = "def fibonacci(n):"
-    k: int = 4
-    p: float = 0.9
-    max_new_tokens: int = 48
-    temperature: float = 0.0
-    chat: bool = False
-    seed: int = 0
+    model: str = option("", "model folder (config.json, weights, tokenizer); with --gguf, the folder of the file")
+    gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
+    prompt: str = option("def fibonacci(n):", "the prompt to complete")
+    k: int = option(4, "number of completions (one batch row each, each with its own activation draws)",
+                    check=at_least(1))
+    p: float = option(0.9, "stochastic_p: probability of the smooth branch (SiLU, or the model's own activation) "
+                           "at each FFN element, 1 - p that of ReLU; for a ReLU model, P(SiLU) on negative inputs "
+                           "(StochA)", check=probability)
+    max_new_tokens: int = option(48, "tokens to generate per completion", check=at_least(1))
+    temperature: float = option(0.0, "token sampling temperature; 0 = greedy tokens (the diversity then comes "
+                                     "from the activations alone)", check=non_negative)
+    chat: bool | None = option(None, "wrap the prompt in the tokenizer's chat template (default: yes when the "
+                                     "tokenizer has one, as instruct models do; --no-chat for raw text)", flag=True)
+    seed: int = option(0, "torch seed for the draws and the sampling")
+
+    def check(self) -> None:
+        resolve_model(self.model, self.gguf)
 
 
 def run(cfg: GenerateConfig) -> list[str]:
-    if cfg.k < 1:
-        raise ValueError(f"k must be >= 1, got {cfg.k}")
+    validate(cfg)
     tok, model = load_causal_lm(cfg.model, cfg.gguf, command="generate")
     model.eval()
-    if cfg.chat:
+    chat = cfg.chat if cfg.chat is not None else bool(getattr(tok, "chat_template", None))
+    if chat:
         ids = tok.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
                                       return_tensors="pt")
         ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
@@ -43,8 +52,9 @@ def run(cfg: GenerateConfig) -> list[str]:
                              stochastic_activation=True, stochastic_p=cfg.p, **sampling)
     texts = [tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out]
     mode = f"temperature {cfg.temperature}" if cfg.temperature > 0 else "greedy"
-    print(f"{cfg.k} completions, stochastic activations p={cfg.p}, {mode}, seed {cfg.seed}:")
+    print(f"{cfg.k} completions, stochastic activations p={cfg.p}, {mode}, seed {cfg.seed}"
+          f"{', chat template' if chat else ''}:")
     for i, t in enumerate(texts):
-        print(f"--- [{i}] ---\n{cfg.prompt if not cfg.chat else ''}{t}")
+        print(f"--- [{i}] ---\n{cfg.prompt if not chat else ''}{t}")
     print(f"--- {len(set(texts))} distinct of {len(texts)} ---")
     return texts

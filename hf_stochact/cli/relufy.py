@@ -34,34 +34,52 @@ from ..training.relufy import RelufyLoss, relufy_schedule
 from ..training.schedule import StochActSchedule
 from ..training.shift import GateShift, GateShiftSchedule
 from . import data
-from .loading import load_causal_lm
+from .args import UsageError, at_least, fraction_below_one, non_negative, option, positive, probability, validate
+from .loading import load_causal_lm, resolve_model
 
 
 @dataclasses.dataclass
 class RelufyConfig:
-    model: str = ""
-    gguf: str = ""
-    output_dir: str = "runs/relufied"
-    steps: int = 150
-    batch_size: int = 4
-    block_size: int = 256
-    grad_accum: int = 2
-    lr: float = 5e-5
-    warmup_steps: int = 10
-    stocha_fraction: float = 0.0
-    p: float = 0.5
-    l1: float = 0.0
-    teacher: str = ""
-    teacher_gguf: str = ""
-    distill: float = 0.5
-    target_sparsity: float = 0.0
-    shift_ramp: float = 0.5
-    bf16: bool = False
-    train_chars: int = 4_000_000
-    eval_file: str = "argparse.py"
-    eval_chars: int = 50_000
-    eval_window: int = 512
-    seed: int = 0
+    model: str = option("", "the model to relufy: a folder (config.json, weights, tokenizer), or the folder of "
+                            "--gguf; an already relufied folder continues training")
+    gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
+    output_dir: str = option("runs/relufied", "where the relufied model and relufy_report.json are saved")
+    steps: int = option(150, "optimizer steps to fine-tune", check=at_least(1))
+    batch_size: int = option(4, "sequences per micro-batch", check=at_least(1))
+    block_size: int = option(256, "tokens per training sequence", check=at_least(8))
+    grad_accum: int = option(2, "micro-batches per optimizer step", check=at_least(1))
+    lr: float = option(5e-5, "peak learning rate (cosine schedule)", check=positive)
+    warmup_steps: int = option(10, "learning-rate warm-up steps", check=non_negative)
+    stocha_fraction: float = option(0.0, "fraction of the steps trained with StochA first (p ramping from --p to "
+                                         "0), before plain ReLU; 0 = ReLU throughout", check=fraction_below_one)
+    p: float = option(0.5, "StochA's P(SiLU) on negative inputs at the start of the warm-up", check=probability)
+    l1: float = option(0.0, "weight of an L1 penalty on the FFN activations (pushes sparsity up)",
+                       check=non_negative)
+    teacher: str = option("", "distillation teacher folder (default with --teacher-gguf: --model's folder)")
+    teacher_gguf: str = option("", "distillation teacher GGUF file (a name inside --teacher/--model, or a path)")
+    distill: float = option(0.5, "weight of KL(teacher || student) in the loss, (1 - distill) for cross-entropy",
+                            check=probability)
+    target_sparsity: float = option(0.0, "FFN zero fraction reached with per-neuron gate shifts (0 = plain "
+                                         "ReLU's)", check=fraction_below_one)
+    shift_ramp: float = option(0.5, "fraction of the steps over which the gate shifts ramp to --target-sparsity",
+                               check=probability)
+    bf16: bool = option(False, "train in bfloat16 autocast")
+    train_chars: int = option(4_000_000, "characters of CPython's stdlib source to train on",
+                              check=at_least(10_000))
+    eval_file: str = option("argparse.py", "held-out file of CPython's standard library (excluded from training) "
+                                           "on which perplexity is measured")
+    eval_chars: int = option(50_000, "characters of --eval-file scored", check=at_least(1))
+    eval_window: int = option(512, "tokens per perplexity window (non-overlapping)", check=at_least(2))
+    seed: int = option(0, "random seed of the run")
+
+    def check(self) -> None:
+        resolve_model(self.model, self.gguf)
+        if self.teacher or self.teacher_gguf:
+            resolve_model(self.teacher or self.model, self.teacher_gguf, model_flag="--teacher",
+                          gguf_flag="--teacher-gguf")
+        if not (data.stdlib_root() / self.eval_file).is_file():
+            raise UsageError("--eval-file", f"no file {self.eval_file!r} in CPython's standard library at "
+                                            f"{data.stdlib_root()}")
 
 
 def load_model(cfg: RelufyConfig):
@@ -91,7 +109,8 @@ def load_teacher(cfg: RelufyConfig) -> nn.Module | None:
         raise ValueError(f"distill must be in [0, 1] (the weight of the KL term), got {cfg.distill}")
     if not cfg.teacher and not cfg.teacher_gguf:
         return None
-    _, teacher = load_causal_lm(cfg.teacher or cfg.model, cfg.teacher_gguf, command="relufy --teacher")
+    _, teacher = load_causal_lm(cfg.teacher or cfg.model, cfg.teacher_gguf, command="relufy --teacher",
+                                model_flag="--teacher", gguf_flag="--teacher-gguf")
     teacher.eval().requires_grad_(False)
     return teacher
 
@@ -99,6 +118,7 @@ def load_teacher(cfg: RelufyConfig) -> nn.Module | None:
 def run(cfg: RelufyConfig) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
+    validate(cfg)
     set_seed(cfg.seed)
     callbacks = [schedule_for(cfg)]
     if cfg.target_sparsity > 0:
@@ -144,8 +164,7 @@ def run(cfg: RelufyConfig) -> dict:
         "config": dataclasses.asdict(cfg), "ppl_before": ppl_before, "ppl_after": ppl_after,
         "sparsity": sparsity, "sparsity_per_layer": per_layer, "seconds": time.perf_counter() - t0,
         "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
-        # incl. gate_shift/* and stochact/* metrics per logging step; NaN (stochact/p of a non-stochastic stage)
-        # becomes null so the report is strict JSON
+        # incl. gate_shift/* and stochact/* metrics per logging step (NaN, if any, becomes null: strict JSON)
         "log_history": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in h.items()}
                         for h in trainer.state.log_history],
     }

@@ -11,24 +11,34 @@ import json
 from pathlib import Path
 
 from ..analysis.metrics import sparsity_report
-from .loading import load_causal_lm
+from .args import UsageError, at_least, option, probability, validate
+from .data import stdlib_root
+from .loading import load_causal_lm, resolve_model
 from .relufy import RelufyConfig, eval_ids
 
 
 @dataclasses.dataclass
 class SparsityConfig:
-    model: str = ""
-    gguf: str = ""
-    eval_file: str = "argparse.py"
-    eval_chars: int = 50_000
-    window: int = 256
-    max_windows: int = 8
-    target_cett: float = 0.2
-    out: str = ""
-    label: str = ""
+    model: str = option("", "model folder (config.json, weights, tokenizer); with --gguf, the folder of the file")
+    gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
+    eval_file: str = option("argparse.py", "file of CPython's standard library the model reads")
+    eval_chars: int = option(50_000, "characters of --eval-file read", check=at_least(1))
+    window: int = option(256, "tokens per forward window", check=at_least(2))
+    max_windows: int = option(8, "at most this many windows", check=at_least(1))
+    target_cett: float = option(0.2, "CETT budget for the magnitude-threshold sparsity (ReLU² Wins)",
+                                check=probability)
+    out: str = option("", "write <out>.json and <out>.png (per-layer table and plot)")
+    label: str = option("", "name of the model in the report (default: the folder or file name)")
+
+    def check(self) -> None:
+        resolve_model(self.model, self.gguf)
+        if not (stdlib_root() / self.eval_file).is_file():
+            raise UsageError("--eval-file", f"no file {self.eval_file!r} in CPython's standard library at "
+                                            f"{stdlib_root()}")
 
 
 def run(cfg: SparsityConfig) -> dict:
+    validate(cfg)
     rcfg = RelufyConfig(model=cfg.model, gguf=cfg.gguf, eval_file=cfg.eval_file, eval_chars=cfg.eval_chars,
                         eval_window=cfg.window)
     tokenizer, model = load_causal_lm(cfg.model, cfg.gguf, command="sparsity")

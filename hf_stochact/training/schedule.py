@@ -311,7 +311,9 @@ def warn_generator_with_checkpointing(model: nn.Module) -> bool:
     """Warn (and return True) when gradient checkpointing is on and a stochastic module draws from a ``generator`` of
     its own: checkpointing rewinds torch's RNG for the recomputed forward, not a user generator, so the recomputed
     masks differ from the forward's and the gradients are wrong."""
-    if not getattr(model, "is_gradient_checkpointing", False):
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"  # renamed in transformers 5.x
+    if not getattr(model, flag, False):
         return False
     owned = [m for m in stochastic_modules(model) if m.generator is not None]
     if owned:

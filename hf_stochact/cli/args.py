@@ -1,0 +1,125 @@
+"""Command-line options declared once, on the commands' config dataclasses: ``option(default, help, check)``.
+
+:func:`add_arguments` turns a config class into argparse flags (with their help text and default); after parsing,
+:func:`validate` runs every field's check and the config's own ``check()`` (cross-field rules, model paths) before
+any model is loaded. A failed check raises :class:`UsageError` naming the flag; ``hf-stochact`` reports it as
+``hf-stochact <command>: error: --flag: ...`` with exit status 2 (argparse's convention), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+
+class UsageError(ValueError):
+    """A bad command-line value: ``flag`` is the option as typed (``--p``), ``message`` what is wrong with it."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag, self.message = flag, message
+
+
+Check = Callable[[Any], "str | None"]  # returns an error message, or None when the value is fine
+
+
+def option(default: Any, help: str, check: Check | None = None, flag: bool = False) -> Any:
+    """A config field that is also a command-line option. ``flag=True`` makes a ``--x/--no-x`` switch (with
+    ``default=None`` meaning "decide automatically")."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check, "flag": flag})
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+# ---- checks -----------------------------------------------------------------------------------------------------
+
+def probability(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 and not math.isnan(value) else f"must be in [0, 1], got {value}"
+
+
+def fraction_below_one(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else f"must be in [0, 1), got {value}"
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else f"must be > 0, got {value}"
+
+
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be >= 0, got {value}"
+
+
+def at_least(low: float) -> Check:
+    return lambda value: None if value >= low else f"must be >= {low}, got {value}"
+
+
+def in_range(low: float, high: float) -> Check:
+    return lambda value: None if low <= value <= high else f"must be in [{low}, {high}], got {value}"
+
+
+def one_of(*allowed: str) -> Check:
+    return lambda value: None if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
+
+
+def comma_list(item: Check, convert: Callable[[str], Any] = float) -> Check:
+    def check(value: str) -> str | None:
+        try:
+            items = [convert(v) for v in value.split(",")]
+        except ValueError:
+            return f"must be a comma-separated list, got {value!r}"
+        for v in items:
+            error = item(v)
+            if error:
+                return f"item {v}: {error}"
+        return None
+
+    return check
+
+
+def shape_list(value: str) -> str | None:
+    for shape in value.split(","):
+        parts = shape.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            return f"must be comma-separated shapes like 576x1536, got {shape!r}"
+    return None
+
+
+# ---- argparse glue ----------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the config dataclass ``cls``, with its help text and default."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        help_text = meta.get("help", "")
+        if meta.get("flag") or isinstance(f.default, bool):
+            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text + ("" if f.default is None else f" (default: {f.default})"))
+        else:
+            parser.add_argument(flag_name(f.name), type=type(f.default), default=f.default, metavar=_metavar(f),
+                                help=f"{help_text} (default: {f.default!r})")
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    return {int: "N", float: "X", str: "TEXT"}.get(type(f.default), "VALUE")
+
+
+def validate(cfg: Any) -> None:
+    """Run every field's check, then ``cfg.check()`` if the config has one.
+
+    Raises:
+        UsageError: the first bad value, naming its flag.
+    """
+    for f in dataclasses.fields(cfg):
+        check = f.metadata.get("check")
+        if check is not None:
+            error = check(getattr(cfg, f.name))
+            if error:
+                raise UsageError(flag_name(f.name), error)
+    own = getattr(cfg, "check", None)
+    if callable(own):
+        own()
