@@ -1,4 +1,8 @@
-"""Decode speed with and without stochastic activations, side by side in one process (A B A B, medians).
+"""Decode speed with and without stochastic activations, side by side in one process (A B C A B C, medians).
+
+Variants: plain decoding as hf_stochact leaves a model (every stock FFN activation carries the decoding hook, a no-op
+outside stochastic calls), plain decoding with those hooks taken off (the cost of the hook itself), and
+``stochastic_activation=True``.
 
     python examples/bench_generation.py                       # small random Llama, writes docs/generation_overhead.md
     python examples/bench_generation.py --model DIR [--gguf F] # a saved / GGUF model (e.g. SmolLM2-135M)
@@ -7,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +21,7 @@ import transformers as tf
 
 import hf_stochact  # noqa: F401  (wraps generate)
 from hf_stochact.cli.loading import load_causal_lm
+from hf_stochact.inference import decoding
 
 
 def load(args):
@@ -25,6 +31,22 @@ def load(args):
     config = tf.LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
     return tf.LlamaForCausalLM(config).eval(), "random Llama 4x256 (FFN 1024, vocab 8192)"
+
+
+@contextlib.contextmanager
+def without_hooks(model):
+    """Take hf_stochact's decoding hooks off the model's activations for the block (benchmark only)."""
+    taken = []
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if hook is decoding._stock_draw:
+                taken.append((module, key, hook))
+                del module._forward_hooks[key]
+    try:
+        yield len(taken)
+    finally:
+        for module, key, hook in taken:
+            module._forward_hooks[key] = hook
 
 
 def main() -> None:
@@ -41,17 +63,22 @@ def main() -> None:
     model, name = load(args)
     ids = torch.randint(10, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    variants = {"deterministic": {}, f"stochastic_activation=True, p={args.p}":
-                {"stochastic_activation": True, "stochastic_p": args.p}}
+    variants = {"deterministic": {}, "deterministic, decoding hooks taken off": {},
+                f"stochastic_activation=True, p={args.p}": {"stochastic_activation": True, "stochastic_p": args.p}}
     times = {k: [] for k in variants}
+
+    def run(k, extra):
+        with without_hooks(model) if "taken off" in k else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            model.generate(ids, **kw, **extra)
+            return time.perf_counter() - t0
+
     with torch.inference_mode():
-        for extra in variants.values():
-            model.generate(ids, **kw, **extra)  # warm-up
+        for k, extra in variants.items():
+            run(k, extra)  # warm-up
         for _ in range(args.rounds):
             for k, extra in variants.items():
-                t0 = time.perf_counter()
-                model.generate(ids, **kw, **extra)
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(run(k, extra))
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["deterministic"]
     lines = ["# Decode speed with stochastic activations", "",

@@ -73,7 +73,7 @@ def test_no_teacher_without_one_and_bad_distill_weight():
 def test_bad_target_sparsity_fails_before_any_loading():
     from hf_stochact.cli.relufy import run
 
-    with pytest.raises(ValueError, match="sparsity must be a fraction in \\[0, 1\\)"):
+    with pytest.raises(ValueError, match=r"--target-sparsity: must be in \[0, 1\)"):
         run(RelufyConfig(model="/nonexistent", target_sparsity=1.2))
 
 

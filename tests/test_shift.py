@@ -119,7 +119,10 @@ def test_schedule_ramps_recalibrates_once_per_step_and_folds(tmp_path, monkeypat
     assert len(calls) == 6 * 2
     assert 0.3 < ramp._start < 0.8 and ramp.target_at(1, 6) == pytest.approx(ramp._start + (0.9 - ramp._start) / 3)
     assert model.config.mlp_bias is True and model.config.hidden_act == "relu"
-    assert not any(m._forward_hooks for m in model.modules())  # folded: no hooks left
+    from hf_stochact.inference.decoding import _stock_draw
+
+    hooks = [h for m in model.modules() for h in m._forward_hooks.values()]
+    assert all(h is _stock_draw for h in hooks), "folded: no shift hooks left (only the decoding hooks)"
     sparsity = measure_sparsity(model.eval(), torch.randint(3, 97, (8, 16))).overall
     assert sparsity > 0.8, sparsity
     model.save_pretrained(tmp_path / "out")

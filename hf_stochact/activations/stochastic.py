@@ -149,14 +149,14 @@ class StochasticSpec:
         if d is None:
             d = {}
         if not isinstance(d, Mapping):
-            raise ValueError(f"{where or 'settings'} must be a mapping of stochastic activation settings such as "
+            raise ValueError(f"{where or 'stochastic activation settings'} must be a mapping such as "
                              f"{{'p': 0.5, 'variant': 'paper'}}, got {type(d).__name__} {d!r}")
         d = dict(d)
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = set(d) - set(allowed)
         if unknown:
-            raise ValueError(f"{where or 'settings'}: unknown setting(s) {sorted(map(str, unknown))}; "
-                             f"allowed: {allowed}")
+            what = f"{where}: unknown setting(s)" if where else "unknown stochastic activation setting(s)"
+            raise ValueError(f"{what} {sorted(map(str, unknown))}; allowed: {allowed}")
         try:
             return cls(**d)
         except ValueError as error:  # every message starts with the field's name
