@@ -308,6 +308,7 @@ def test_explicit_false_wins_over_a_config_default_through_an_override():
         (dict(stochastic_activation=False, stochastic_p=0.5), "stochastic_p but stochastic decoding is off"),
         (dict(stochastic_assistant=True), "stochastic_assistant but stochastic decoding is off"),
         (dict(stochastic_activation=True, stochastic_pp=0.5), r"unknown keyword\(s\) \['stochastic_pp'\]"),
+        (dict(stochastic_activation=True, stochastic_assistant=True), "stochastic_assistant=True but no assistant"),
         (dict(stochastic_activation="yes"), "stochastic_activation must be True or False"),
         (dict(stochastic_activation=True, stochastic_p="0.5"), "stochastic_p must be a number"),
         (dict(stochastic_activation=True, stochastic_p=True), "stochastic_p must be a number"),

@@ -54,7 +54,8 @@ def resolve(model: nn.Module, kwargs: dict[str, Any]) -> Request:
 
     Raises:
         ValueError: an unknown ``stochastic_*`` keyword; ``stochastic_activation`` not a bool; ``stochastic_p`` not a
-            number in [0, 1]; ``stochastic_p`` / ``stochastic_assistant`` given while stochastic decoding is off.
+            number in [0, 1]; ``stochastic_p`` / ``stochastic_assistant`` given while stochastic decoding is off;
+            ``stochastic_assistant=True`` without an ``assistant_model``.
     """
     unknown = [k for k in kwargs if k.startswith("stochastic_") and k not in GENERATION_KEYS
                and k not in _forward_parameters(model)]
@@ -80,6 +81,9 @@ def resolve(model: nn.Module, kwargs: dict[str, Any]) -> Request:
         return Request(False)
     if p is not None:
         p = check_probability("stochastic_p", p)
+    if assistant and kwargs.get("assistant_model") is None:
+        raise ValueError("generate got stochastic_assistant=True but no assistant_model: it makes the draft model of "
+                         "assisted decoding stochastic; pass assistant_model=..., or drop stochastic_assistant")
     return Request(True, p, assistant)
 
 
