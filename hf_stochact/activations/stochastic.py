@@ -260,8 +260,10 @@ class StochasticActivation(nn.Module):
             return kernels.silu_relu_draw(x, seed, s.p, s.variant == "paper", s.granularity)
         return self._k_way(x, seed, s)
 
-    def _region(self, x: torch.Tensor) -> torch.Tensor | None:
-        return (x < 0) if self._spec.variant == "paper" else None
+    @staticmethod
+    def _region(x: torch.Tensor, s: StochasticSpec) -> torch.Tensor | None:
+        """Where the draw happens: x < 0 for the paper's variant, everywhere (None) for the blog's."""
+        return (x < 0) if s.variant == "paper" else None
 
     def _deterministic(self, x: torch.Tensor) -> torch.Tensor:
         s = self._spec
@@ -277,7 +279,7 @@ class StochasticActivation(nn.Module):
             y = sum(prob * self._fns[name](x) for name, prob in s.choices)
         else:
             y = self._fns[s.eval_mode](x)
-        region = self._region(x)
+        region = self._region(x, s)
         return y if region is None else torch.where(region, y, x)
 
     def _k_way(self, x: torch.Tensor, seed: torch.Tensor, s: StochasticSpec) -> torch.Tensor:
@@ -287,7 +289,7 @@ class StochasticActivation(nn.Module):
             cumulative.append(kernels.threshold(total))
         index = kernels.categorical(seed, kernels.mask_shape(tuple(x.shape), s.granularity), tuple(cumulative),
                                     x.device)
-        region = (x < 0) if s.variant == "paper" else None
+        region = self._region(x, s)
         y = x if region is not None else torch.zeros_like(x)
         for k, name in enumerate(s.candidates):
             chosen = index == k

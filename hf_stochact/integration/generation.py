@@ -58,7 +58,7 @@ def resolve(model: nn.Module, kwargs: dict[str, Any]) -> Request:
             ``stochastic_assistant=True`` without an ``assistant_model``.
     """
     unknown = [k for k in kwargs if k.startswith("stochastic_") and k not in GENERATION_KEYS
-               and k not in _forward_parameters(model)]
+               and k not in _forward_parameter_names(type(model))]
     if unknown:
         raise ValueError(f"generate: unknown keyword(s) {unknown}; hf_stochact's keywords are "
                          f"{', '.join(GENERATION_KEYS)}")
@@ -93,10 +93,6 @@ def _forward_parameter_names(cls: type) -> frozenset[str]:
         return frozenset(inspect.signature(cls.forward).parameters)
     except (TypeError, ValueError):
         return frozenset()
-
-
-def _forward_parameters(model: nn.Module) -> frozenset[str]:
-    return _forward_parameter_names(type(model))
 
 
 @contextlib.contextmanager
