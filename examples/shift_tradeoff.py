@@ -19,19 +19,18 @@ from pathlib import Path
 
 import torch
 
-from hf_stochact import calibrate_shift
-from hf_stochact.cli import data
+from hf_stochact import calibrate_shift, data
 from hf_stochact.cli.loading import load_causal_lm
 from hf_stochact.cli.relufy import RelufyConfig, eval_ids, perplexity
 
 
 def calibration_ids(tokenizer, rows: int = 8, window: int = 512, eval_file: str = "argparse.py") -> torch.Tensor:
-    train_files, _ = data.split_files(data.stdlib_files())
-    files = [f for f in train_files if f.name != eval_file]
-    ids = torch.tensor(data.encode(tokenizer, data.read_text(files[:60], max_chars=20 * rows * window)))
-    if len(ids) < rows * window:
-        raise ValueError(f"calibration text too short: {len(ids)} tokens for rows={rows} x window={window}")
-    return ids[: rows * window].view(rows, window)
+    corpus = data.load_corpus()  # the stdlib, split by file
+    train = corpus.train.filter(lambda row: Path(row["path"]).name != eval_file)
+    ids = data.windows(tokenizer, data.text_of(train, "text", 20 * rows * window), window, what="calibration text")
+    if len(ids) < rows:
+        raise ValueError(f"calibration text too short: {len(ids)} windows of {window} tokens for rows={rows}")
+    return ids[:rows]
 
 
 def main() -> None:

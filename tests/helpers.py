@@ -3,8 +3,6 @@
 import torch
 import transformers as tf
 
-from hf_stochact.cli.data import TokenBlocks
-
 
 def tiny_llama(act="silu", layers=2, **kwargs):
     config = tf.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
@@ -15,8 +13,12 @@ def tiny_llama(act="silu", layers=2, **kwargs):
 
 
 def token_dataset(n_blocks=64, block=16, seed=0):
+    """Random token blocks as a torch-format ``datasets.Dataset`` (input_ids, labels), as hf_stochact.data builds."""
+    from datasets import Dataset
+
     g = torch.Generator().manual_seed(seed)
-    return TokenBlocks(torch.randint(3, 97, (n_blocks * block,), generator=g), block)
+    blocks = torch.randint(3, 97, (n_blocks, block), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks}).with_format("torch")
 
 
 def training_args(out, **kwargs):

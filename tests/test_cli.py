@@ -50,7 +50,7 @@ def test_relufy_requires_a_model(capsys):
 def save_tiny(path, act="relu"):
     from helpers import tiny_llama
 
-    from hf_stochact.cli.data import train_tokenizer
+    from hf_stochact.data import train_tokenizer
 
     tok = train_tokenizer("def f(x):\n    return x + 1\n" * 300, vocab_size=97)
     model = tiny_llama(act)

@@ -174,7 +174,7 @@ def test_streamer_receives_the_stochastic_tokens():
 
 
 def test_pipeline_passes_the_flag_through():
-    from hf_stochact.cli.data import train_tokenizer
+    from hf_stochact.data import train_tokenizer
 
     tok = train_tokenizer("def f(x):\n    return x + 1\n" * 200, vocab_size=300)
     model = tiny_llama("silu")

@@ -79,10 +79,10 @@ def test_bad_target_sparsity_fails_before_any_loading():
 
 def test_relufy_end_to_end_with_gate_shifts(tmp_path):
     """The whole command on a tiny SiLU Llama with its own tokenizer: ReLU + ramped gate shifts, saved plain."""
-    from hf_stochact.cli import data
+    from hf_stochact import data
     from hf_stochact.cli.relufy import run
 
-    tokenizer = data.train_tokenizer(data.read_text(data.stdlib_files()[:20], max_chars=100_000), vocab_size=300)
+    tokenizer = data.train_tokenizer(data.text_of(data.load_corpus().train, "text", 100_000), vocab_size=300)
     config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             hidden_act="silu")

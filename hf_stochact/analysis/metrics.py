@@ -104,9 +104,11 @@ def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
+    device = next(model.parameters()).device
     try:
         with SparsityMonitor(model) as monitor:
             for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+                w = w.to(device)
                 out = model(input_ids=w[None], labels=w[None])
                 nll += float(out.loss) * (len(w) - 1)
                 count += len(w) - 1

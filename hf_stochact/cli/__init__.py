@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 
 from .args import UsageError, add_arguments, validate
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         module.run(cfg)
     except UsageError as error:  # also raised while loading a model the checks could not vet (e.g. bad weights)
         parsers[args.command].error(str(error))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One process of `accelerate launch` / torchrun, done (the Trainer destroyed the process group). Leave
+        # without interpreter finalization: gloo's process-group destructor, run there while DDP's reducer still
+        # holds the group, can deadlock joining its worker threads (tests/dist_schedule_worker.py has the stacks).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

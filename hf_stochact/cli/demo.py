@@ -1,6 +1,7 @@
 """`hf-stochact demo`: the pipeline end to end on a real corpus, in a few minutes on 2 CPU cores.
 
-1. corpus: CPython's standard-library source (train / held-out split by file), byte-level BPE trained locally;
+1. corpus: CPython's standard-library source (train / held-out split by file; ``--data`` takes your own text the
+   same way, through ``datasets``: :mod:`hf_stochact.data`), byte-level BPE trained locally;
 2. model: a small Llama built with ``hidden_act="stochastic"`` (StochA, p = P(SiLU));
 3. training: transformers' ``Trainer`` with ``StochActSchedule`` (the paper's StochA+FT: StochA, then ReLU for
    the last ``relu_fraction`` of steps, then the final swap to plain ReLU);
@@ -20,12 +21,12 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
+from .. import data
 from ..analysis.metrics import measure_sparsity
 from ..inference.sparse import sparse_stats, sparsify, unsparsify
 from ..integration.config import CONFIG_KEY, stochastic_modules
 from ..layouts import ffn_activations
 from ..training.schedule import StochActSchedule
-from . import data
 from .args import UsageError, at_least, option, positive, probability, validate
 
 
@@ -44,7 +45,10 @@ class DemoConfig:
     relu_fraction: float = option(0.1, "fraction of the steps fine-tuned with plain ReLU at the end",
                                   check=probability)
     lr: float = option(2e-3, "peak learning rate (cosine schedule, 5%% warm-up)", check=positive)
-    train_chars: int = option(3_000_000, "characters of CPython's stdlib source to train on", check=at_least(10_000))
+    data: str = option("", "training text (a file or folder of text/JSONL/Parquet/CSV, or a datasets name); empty "
+                           "= CPython's stdlib source, the embedded default")
+    text_column: str = option("", "column holding the text (default: 'text', or the only string column)")
+    train_chars: int = option(3_000_000, "characters of the training text used", check=at_least(10_000))
     eval_blocks: int = option(64, "held-out blocks for loss, perplexity and sparsity", check=at_least(1))
     seed: int = option(0, "random seed of the run")
     prompt_tokens: int = option(24, "held-out prompt length for the decoding demo", check=at_least(1))
@@ -61,14 +65,21 @@ class DemoConfig:
 
 
 def build_corpus(cfg: DemoConfig):
-    """Tokenizer plus train / held-out token blocks from the stdlib."""
-    train_files, held_files = data.split_files(data.stdlib_files())
-    train_text = data.read_text(train_files, max_chars=cfg.train_chars)
-    tokenizer = data.train_tokenizer(train_text[:1_000_000], vocab_size=cfg.vocab_size)
-    train = data.TokenBlocks(data.encode(tokenizer, train_text), cfg.block_size)
-    held_text = data.read_text(held_files, max_chars=cfg.eval_blocks * cfg.block_size * 6)
-    held = data.TokenBlocks(data.encode(tokenizer, held_text), cfg.block_size)
-    return tokenizer, train, held.blocks[: cfg.eval_blocks]
+    """Tokenizer (a BPE trained on the first 1M characters of training text), training blocks (a ``Dataset``) and
+    held-out blocks ([N, block_size]) from ``cfg.data`` (default: the stdlib, split by file)."""
+    from .relufy import as_usage_error
+
+    try:
+        corpus = data.load_corpus(cfg.data or None, text_column_name=cfg.text_column or None, seed=cfg.seed)
+        tokenizer = data.train_tokenizer(data.text_of(corpus.train, corpus.column, 1_000_000),
+                                         vocab_size=cfg.vocab_size)
+        train = data.token_blocks(corpus.train, tokenizer, cfg.block_size, column=corpus.column,
+                                  max_chars=cfg.train_chars, desc="training text")
+        held = data.token_blocks(corpus.held_out, tokenizer, cfg.block_size, column=corpus.column,
+                                 max_chars=cfg.eval_blocks * cfg.block_size * 6, desc="held-out text")
+    except ValueError as error:
+        raise as_usage_error(error) from error
+    return tokenizer, train, held["input_ids"][: cfg.eval_blocks]
 
 
 def build_model(cfg: DemoConfig, vocab_size: int, activation: str = "stochastic"):
@@ -145,7 +156,8 @@ def run(cfg: DemoConfig) -> dict:
     validate(cfg)
     set_seed(cfg.seed)
     t0 = time.perf_counter()
-    print(f"[1/5] corpus: CPython {data.stdlib_root()} (split by file), training a {cfg.vocab_size}-token BPE ...")
+    source = cfg.data or f"CPython {data.stdlib_root()} (split by file)"
+    print(f"[1/5] corpus: {source}, training a {cfg.vocab_size}-token BPE ...")
     tokenizer, train, held = build_corpus(cfg)
     print(f"      {len(train)} training blocks of {cfg.block_size} tokens, {len(held)} held-out blocks")
     model = build_model(cfg, len(tokenizer))

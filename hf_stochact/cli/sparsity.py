@@ -11,18 +11,20 @@ import json
 from pathlib import Path
 
 from ..analysis.metrics import sparsity_report
-from .args import UsageError, at_least, option, probability, validate
-from .data import stdlib_root
-from .loading import load_causal_lm, resolve_model
-from .relufy import RelufyConfig, eval_ids
+from .args import at_least, option, probability, validate
+from .loading import load_causal_lm
+from .relufy import RelufyConfig, corpus_for, eval_ids
 
 
 @dataclasses.dataclass
 class SparsityConfig:
     model: str = option("", "model folder (config.json, weights, tokenizer); with --gguf, the folder of the file")
     gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
-    eval_file: str = option("argparse.py", "file of CPython's standard library the model reads")
-    eval_chars: int = option(50_000, "characters of --eval-file read", check=at_least(1))
+    data: str = option("", "text the model reads: a file or folder (text/JSONL/Parquet/CSV) or a datasets name, "
+                           "all its rows; empty = --eval-file of CPython's standard library")
+    text_column: str = option("", "column holding the text (default: 'text', or the only string column)")
+    eval_file: str = option("argparse.py", "without --data: the file of CPython's standard library the model reads")
+    eval_chars: int = option(50_000, "characters of text read", check=at_least(1))
     window: int = option(256, "tokens per forward window", check=at_least(2))
     max_windows: int = option(8, "at most this many windows", check=at_least(1))
     target_cett: float = option(0.2, "CETT budget for the magnitude-threshold sparsity (ReLU² Wins)",
@@ -30,24 +32,28 @@ class SparsityConfig:
     out: str = option("", "write <out>.json and <out>.png (per-layer table and plot)")
     label: str = option("", "name of the model in the report (default: the folder or file name)")
 
+    def relufy_config(self) -> RelufyConfig:
+        """The same text choice as relufy's held-out text: --data read whole (its rows are the text)."""
+        return RelufyConfig(model=self.model, gguf=self.gguf, data=self.data, eval_data=self.data,
+                            text_column=self.text_column, eval_file=self.eval_file, eval_chars=self.eval_chars,
+                            eval_window=self.window)
+
     def check(self) -> None:
-        resolve_model(self.model, self.gguf)
-        if not (stdlib_root() / self.eval_file).is_file():
-            raise UsageError("--eval-file", f"no file {self.eval_file!r} in CPython's standard library at "
-                                            f"{stdlib_root()}")
+        self.relufy_config().check()
 
 
 def run(cfg: SparsityConfig) -> dict:
     validate(cfg)
-    rcfg = RelufyConfig(model=cfg.model, gguf=cfg.gguf, eval_file=cfg.eval_file, eval_chars=cfg.eval_chars,
-                        eval_window=cfg.window)
+    rcfg = cfg.relufy_config()
+    corpus = corpus_for(rcfg) if cfg.data else None
     tokenizer, model = load_causal_lm(cfg.model, cfg.gguf, command="sparsity")
-    ids = eval_ids(tokenizer, rcfg)[: cfg.max_windows]
+    ids = eval_ids(tokenizer, rcfg, corpus)[: cfg.max_windows]
     report = sparsity_report(model, ids, target_cett=cfg.target_cett)
     keys = list(next(iter(report.values())))
     mean = {k: sum(r[k] for r in report.values()) / len(report) for k in keys}
     label = cfg.label or Path(cfg.gguf or cfg.model).name
-    print(f"{label}: {len(report)} FFN layers, {ids.numel()} tokens of {cfg.eval_file}, target CETT {cfg.target_cett}")
+    print(f"{label}: {len(report)} FFN layers, {ids.numel()} tokens of {cfg.data or cfg.eval_file}, target CETT "
+          f"{cfg.target_cett}")
     for k in keys:
         print(f"  {k:<20} mean {mean[k]:.4f}   per layer min {min(r[k] for r in report.values()):.4f} "
               f"max {max(r[k] for r in report.values()):.4f}")

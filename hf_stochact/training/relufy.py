@@ -43,8 +43,11 @@ class RelufyLoss:
             for h in handles:
                 h.remove()
         if self.teacher is not None and self.distill > 0:
+            ids = inputs["input_ids"]
+            if next(self.teacher.parameters()).device != ids.device:  # the Trainer moved the student, not the teacher
+                self.teacher.to(ids.device)
             with torch.no_grad():
-                target = self.teacher(input_ids=inputs["input_ids"]).logits.float().log_softmax(-1)
+                target = self.teacher(input_ids=ids).logits.float().log_softmax(-1)
             student = outputs.logits.float().log_softmax(-1)
             kl = torch.nn.functional.kl_div(student.flatten(0, -2), target.flatten(0, -2), log_target=True,
                                             reduction="batchmean")

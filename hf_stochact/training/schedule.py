@@ -177,6 +177,8 @@ class StochActSchedule(TrainerCallback):
         self._monitor: SparsityMonitor | None = None
         self._zero_fraction: tuple[float, int] | None = None  # last measured (value, step)
         self.default_p = 0.5  # p of stochastic stages without one: the model's configured p (on_train_begin)
+        #: (optimizer step, activation) at each stage start of the last run: what every data-parallel rank must agree on
+        self.transitions: list[tuple[int, str]] = []
 
     # ---- the schedule as a function of the step
     def resolve(self, max_steps: int) -> list[int]:
@@ -232,6 +234,7 @@ class StochActSchedule(TrainerCallback):
         self._starts = self.resolve(state.max_steps)
         self._current = None
         self._zero_fraction = None
+        self.transitions = []
         if self.monitor_every:
             self._monitor = SparsityMonitor(model, every=self.monitor_every)
         self._step_to(model, state)
@@ -265,6 +268,8 @@ class StochActSchedule(TrainerCallback):
     def _step_to(self, model, state) -> None:
         current = self.stage_at(min(state.global_step, state.max_steps - 1), state.max_steps)
         if current != self._current:
+            if self._current is None or current[0] != self._current[0]:
+                self.transitions.append((state.global_step, self.stages[current[0]].activation))
             self.apply(model, *current)
             self._current = current
 
