@@ -11,7 +11,8 @@ gate shifts, ``inference/`` sparsify, ``analysis/`` sparsity metrics, ``cli/`` t
 
 from .activations import GumbelStochActivation, LearnableStochActivation, StochasticActivation, StochasticSpec
 from .analysis.metrics import SparsityMonitor, measure_sparsity, perplexity
-from .inference.sparse import SparseConfig, is_sparsified, sparse_stats, sparsify, unsparsify
+from .inference.sparse import SparseConfig, ThresholdedLinear, is_sparsified, sparse_stats, sparsify, unsparsify
+from .inference.thresholds import Thresholds, calibrate_thresholds
 from .integration import install
 from .integration.config import (
     ACTIVATION_FIELDS,
@@ -46,8 +47,11 @@ __all__ = [
     "StochActSchedule",
     "StochasticActivation",
     "StochasticSpec",
+    "ThresholdedLinear",
+    "Thresholds",
     "activation_field",
     "calibrate_shift",
+    "calibrate_thresholds",
     "configure",
     "ffn_activations",
     "find_mlps",

@@ -37,7 +37,9 @@ from torch import nn
 from .. import kernels
 from ..activations import scope
 from ..kernels import loop_readable
-from ..layouts import MLP, down_rows, find_mlps, param, relu_kind
+from ..kernels.reference import magnitude_mask
+from ..layouts import MLP, PROJECTION_TYPES, down_rows, find_mlps, param, relu_kind
+from .thresholds import Thresholds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +183,37 @@ class SparseDownProjection(_Wrapper):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
+class ThresholdedLinear(_Wrapper):
+    """A linear layer (``nn.Linear`` or ``Conv1D``) whose inputs with ``|x| <= threshold`` count as 0 (TEAL-style
+    input sparsity, thresholds from :func:`~hf_stochact.inference.thresholds.calibrate_thresholds`). Every call
+    applies the mask (prefill and perplexity see the same approximation as decoding); decode steps read only the
+    weight rows of the remaining inputs (``hf_stochact::sparse_down`` with its threshold), other calls run the
+    original layer on the masked input."""
+
+    def __init__(self, layer: nn.Module, threshold: float, config: SparseConfig):
+        super().__init__(layer, config)
+        self.threshold = float(threshold)
+
+    @property
+    def wrapped(self) -> nn.Module:
+        return self.original
+
+    def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if x.numel() <= self.config.max_tokens * shape[-1] and x.is_cpu and not _needs_grad(self, x):
+            w_t, bias = down_rows(self.original), param(self.original, "bias")
+            if loop_readable(w_t, bias, x) and w_t.is_contiguous():
+                y, k = kernels.sparse_down(x.reshape(-1, shape[-1]), w_t, bias, self.config.max_density,
+                                           self.threshold)
+                if not torch.compiler.is_compiling():
+                    self.counter.add("sparse" if int(k) >= 0 else "dense")
+                return y.reshape(*shape[:-1], y.shape[-1])
+        return self.dense(magnitude_mask(x, self.threshold))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, threshold={self.threshold:.4g}"
+
+
 def _rows_layout(layer: nn.Module) -> bool:
     """Give an ``nn.Linear`` down projection the loops' layout ([d_ff, d] rows contiguous; the module sees a
     transposed view). Returns whether the layout changed (only plain CPU float32/bfloat16 weights are touched)."""
@@ -196,27 +229,41 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
-def sparsify(model: nn.Module, config: SparseConfig | None = None, **kwargs: Any) -> nn.Module:
-    """Convert in place every ReLU/ReLU² FFN of ``model`` to the exact sparse decode path. Returns ``model`` (for a
-    bare MLP module, which has no parent to put a wrapper into, the wrapper: use the return value).
+def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds: Thresholds | dict | None = None,
+             **kwargs: Any) -> nn.Module:
+    """Convert ``model`` in place for sparse CPU decoding. Returns ``model`` (for a bare MLP module, which has no
+    parent to put a wrapper into, the wrapper: use the return value).
+
+    * Every ReLU/ReLU² FFN gets the exact sparse path (its zeros are skipped, outputs unchanged).
+    * With ``thresholds`` (from :func:`~hf_stochact.calibrate_thresholds`, or saved in ``model.config`` by it and
+      found there when ``thresholds`` is None), the named linear layers get input thresholds
+      (:class:`ThresholdedLinear`): an approximation, TEAL-style, for models without ReLU zeros.
 
     Args:
         model: a transformers model, or a single MLP module.
         config: a :class:`SparseConfig`; keyword arguments (``max_tokens``, ``max_density``) build one.
+        thresholds: a :class:`~hf_stochact.inference.thresholds.Thresholds` or its dict; None = the config's.
 
     Raises:
-        ValueError: if no FFN with a ReLU-family activation and a down projection is found (the message lists the
-            activations found), or on bad config values.
+        ValueError: if there is nothing to sparsify (no ReLU FFN and no thresholds; the message lists the FFN
+            activations found), a threshold names a module that is not a linear layer, or bad config values.
     """
     cfg = config or SparseConfig(**kwargs)
+    if thresholds is None:
+        thresholds = Thresholds.from_config(model)
+    elif isinstance(thresholds, dict):
+        thresholds = Thresholds.from_dict(thresholds)
     mlps = find_mlps(model, need="down")
     relu = [m for m in mlps if relu_kind(m.activation) is not None]
-    if not relu:
+    if not relu and not (thresholds and thresholds.values):
         kinds = sorted({type(m.activation).__name__ for m in find_mlps(model)})
         raise ValueError(f"sparsify: no FFN with a ReLU or ReLU² activation in {type(model).__name__} (FFN "
                          f"activations found: {', '.join(kinds) or 'none'}). Fine-tune to ReLU first, e.g. with "
-                         "StochActSchedule or `hf-stochact relufy`.")
+                         "StochActSchedule or `hf-stochact relufy`, or calibrate input thresholds "
+                         "(hf_stochact.calibrate_thresholds) for approximate sparsity without training.")
+    exact: set[int] = set()
     for mlp in relu:
+        exact.update(id(m) for m in (mlp.pre, mlp.up, mlp.down) if m is not None)
         if isinstance(mlp.module, SparseMLP) or isinstance(mlp.down, SparseDownProjection):
             continue  # already sparsified
         if mlp.layout.gated:
@@ -226,9 +273,25 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, **kwargs: Any
             wrapper = SparseDownProjection(mlp, cfg)
             target = f"{mlp.path}.{mlp.layout.down}" if mlp.path else mlp.layout.down
         wrapper.relaid = _rows_layout(mlp.down)
+        object.__setattr__(wrapper, "relaid_layer", mlp.down)  # not a child: no second state-dict entry
         if not target:
             return wrapper
         _replace(model, target, wrapper)
+    for path, t in (thresholds.values.items() if thresholds else ()):
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError as error:
+            raise ValueError(f"sparsify: thresholds name {path!r}, which is not a module of "
+                             f"{type(model).__name__}") from error
+        if isinstance(layer, ThresholdedLinear) or id(layer) in exact:
+            continue  # already thresholded, or a ReLU FFN's projection (exact zeros there)
+        if not isinstance(layer, PROJECTION_TYPES):
+            raise ValueError(f"sparsify: thresholds name {path!r}, a {type(layer).__name__}, not a linear layer "
+                             "(nn.Linear or Conv1D)")
+        wrapper = ThresholdedLinear(layer, t, cfg)
+        wrapper.relaid = _rows_layout(layer)
+        object.__setattr__(wrapper, "relaid_layer", layer)
+        _replace(model, path, wrapper)
     return model
 
 
@@ -241,7 +304,7 @@ def unsparsify(model: nn.Module) -> nn.Module:
     Returns ``model`` (for a bare wrapper, the original module)."""
     for path, wrapper in _wrappers(model):
         if wrapper.relaid:  # the Parameter is shared by the wrapper and the original projection
-            weight = wrapper.mlp.down.weight
+            weight = wrapper.relaid_layer.weight
             with torch.no_grad():
                 weight.data = weight.detach().contiguous()
         wrapper.original.training = wrapper.training

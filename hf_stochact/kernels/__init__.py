@@ -133,10 +133,12 @@ def sparse_gated_mlp_validated(x: torch.Tensor, w_gate: torch.Tensor, b_gate: to
     return y, int(k)
 
 
-def sparse_down(h: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None,
-                max_density: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, k)`` for ``y = h @ w_t + bias`` (``w_t`` [d_in, d_out]) reading only rows where some token of ``h``
-    [T, d_in] is non-zero; k as in :func:`sparse_gated_mlp` (eager CPU calls go straight to the CPU kernel)."""
+def sparse_down(h: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, max_density: float,
+                threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, k)`` for ``y = m(h) @ w_t + bias`` (``w_t`` [d_in, d_out]) reading only rows where some token of
+    ``m(h)`` [T, d_in] is non-zero, ``m(h) = h`` where ``|h| > threshold`` else 0 (a ReLU hidden's exact zeros at
+    threshold 0; TEAL-style input sparsity above); k as in :func:`sparse_gated_mlp` (eager CPU calls go straight to
+    the CPU kernel)."""
     if h.is_cpu and not torch.compiler.is_compiling():
-        return ops.sparse_down_cpu(h, w_t, bias, max_density)
-    return torch.ops.hf_stochact.sparse_down(h, w_t, bias, max_density)
+        return ops.sparse_down_cpu(h, w_t, bias, max_density, threshold)
+    return torch.ops.hf_stochact.sparse_down(h, w_t, bias, max_density, threshold)

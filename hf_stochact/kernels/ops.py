@@ -9,7 +9,8 @@ operator                        meaning
                                 else ReLU(x); autograd saves x and the seed, backward regenerates the mask
 ``silu_relu_draw_backward``     its gradient
 ``sparse_gated_mlp``            (y, k): a gated ReLU/ReLU² FFN reading only the rows of active neurons
-``sparse_down``                 (y, k): a down projection reading only the rows of non-zero inputs
+``sparse_down``                 (y, k): a linear layer reading only the rows of its non-zero inputs (or, with a
+                                threshold, of inputs with |h| > threshold; the others count as 0)
 =============================  ==========================================================================
 
 The CPU kernels fall back to the torch implementation for what the loops do not cover (float16/float64,
@@ -81,7 +82,8 @@ LIB.define("silu_relu_draw(Tensor x, Tensor seed, int threshold, bool negative_o
 LIB.define("silu_relu_draw_backward(Tensor grad, Tensor x, Tensor seed, int threshold, bool negative_only) -> Tensor")
 LIB.define("sparse_gated_mlp(Tensor x, Tensor w_gate, Tensor? b_gate, Tensor w_up, Tensor? b_up, Tensor w_down_t, "
            "Tensor? b_down, int act, float max_density) -> (Tensor, Tensor)")
-LIB.define("sparse_down(Tensor h, Tensor w_t, Tensor? bias, float max_density) -> (Tensor, Tensor)")
+LIB.define("sparse_down(Tensor h, Tensor w_t, Tensor? bias, float max_density, float threshold=0.0) -> "
+           "(Tensor, Tensor)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,20 +205,26 @@ def sparse_gated_cpu(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act: int, 
     return y, torch.scalar_tensor(k, dtype=torch.int64)
 
 
-def sparse_down_cpu(h, w_t, bias, max_density: float):
+def sparse_down_cpu(h, w_t, bias, max_density: float, threshold: float = 0.0):
     if h.shape[-1] != w_t.shape[0] or (bias is not None and bias.shape != (w_t.shape[1],)):
         raise ValueError(f"sparse_down: inconsistent shapes h {tuple(h.shape)}, w_t {tuple(w_t.shape)} (expected "
                          "[T, d_in], [d_in, d_out])")
     if not (c_loops_active() and loop_readable(h, w_t) and 1 <= h.shape[0] <= MAX_TOKENS and w_t.is_contiguous()):
-        return reference.sparse_down(h, w_t, bias, max_density)
+        return reference.sparse_down(h, w_t, bias, max_density, threshold)
+    return sparse_down_c(h, w_t, bias, max_density, threshold)
+
+
+def sparse_down_c(h, w_t, bias, max_density: float, threshold: float = 0.0):
+    """The C loop on validated tensors (:func:`loop_readable`, ``w_t`` contiguous, 1 to MAX_TOKENS tokens):
+    ``(y in h's dtype, k as a 0-dim int64 tensor)``."""
     tokens, d_in = h.shape
     hf = _f32(h)
     b = _f32(bias)
     y = torch.empty(tokens, w_t.shape[1])
     k = _C.sparse_down(hf.data_ptr(), w_t.data_ptr(), _ptr(b), y.data_ptr(), d_in, w_t.shape[1], tokens,
-                       int(max_density * d_in), DTYPE_CODES[w_t.dtype], torch.get_num_threads())
+                       int(max_density * d_in), DTYPE_CODES[w_t.dtype], torch.get_num_threads(), float(threshold))
     if k < 0:
-        y = F.linear(h, w_t.t(), bias)
+        y = F.linear(reference.magnitude_mask(h, threshold), w_t.t(), bias)
     return y if y.dtype == h.dtype else y.to(h.dtype), torch.scalar_tensor(k, dtype=torch.int64)
 
 
@@ -232,5 +240,5 @@ def _sparse_gated_fake(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max
 
 
 @torch.library.register_fake(f"{NAMESPACE}::sparse_down", lib=LIB)
-def _sparse_down_fake(h, w_t, bias, max_density):
+def _sparse_down_fake(h, w_t, bias, max_density, threshold=0.0):
     return h.new_empty(h.shape[0], w_t.shape[1]), h.new_empty((), dtype=torch.int64, device="cpu")

@@ -159,8 +159,17 @@ def sparse_gated_mlp(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act: int, 
     return y, torch.tensor(idx.numel(), dtype=torch.int64)
 
 
-def sparse_down(h, w_t, bias, max_density: float):
-    """(y, k): y = h W + b reading only the rows of W (= ``w_t``, [d_in, d_out]) where h is non-zero."""
+def magnitude_mask(h: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``h`` where ``|h| > threshold``, else 0 (threshold 0: ``h`` itself; NaN is kept, as the C loops do)."""
+    if threshold <= 0.0:
+        return h
+    return torch.where(h.abs() <= threshold, torch.zeros((), dtype=h.dtype, device=h.device), h)
+
+
+def sparse_down(h, w_t, bias, max_density: float, threshold: float = 0.0):
+    """(y, k): y = m(h) W + b reading only the rows of W (= ``w_t``, [d_in, d_out]) where m(h) is non-zero;
+    m(h) = h where ``|h| > threshold`` else 0 (:func:`magnitude_mask`)."""
+    h = magnitude_mask(h, threshold)
     idx = (h != 0).any(0).nonzero().squeeze(1)
     if idx.numel() > max_density * h.shape[1]:
         return F.linear(h, w_t.t(), bias), torch.tensor(-1, dtype=torch.int64)

@@ -31,6 +31,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -412,13 +413,30 @@ static PyObject *py_sparse_gated_mlp(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(k <= max_active ? k : -1);
 }
 
-/* sparse_down(h, wt, b, y, dff, d, T, max_active, dtype, nthreads) -> k or -1: y = h[:, idx] WT[idx] + b */
+/* union of columns of a [T, n] float32 matrix with |a| > thr for some token into idx; returns k (NaN counts as
+ * active, as in union_nonzero) */
+static Py_ssize_t union_above(const float *a, Py_ssize_t T, Py_ssize_t n, float thr, int64_t *idx) {
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        int on = 0;
+        for (Py_ssize_t t = 0; t < T; ++t) on |= !(fabsf(a[t * n + i]) <= thr);
+        if (on) idx[k++] = i;
+    }
+    return k;
+}
+
+/* sparse_down(h, wt, b, y, dff, d, T, max_active, dtype, nthreads, thr) -> k or -1: y = m(h)[:, idx] WT[idx] + b,
+ * m(h) = h where |h| > thr, else 0 (thr = 0: the exact zeros of a ReLU hidden; thr > 0: TEAL's magnitude
+ * threshold on a linear layer's input) */
 static PyObject *py_sparse_down(PyObject *self, PyObject *args) {
     unsigned long long h, wt, b, y;
     Py_ssize_t dff, d, T, max_active;
     int dtype, nthreads;
-    if (!PyArg_ParseTuple(args, "KKKKnnnnii", &h, &wt, &b, &y, &dff, &d, &T, &max_active, &dtype, &nthreads))
+    double thr_d = 0.0;
+    if (!PyArg_ParseTuple(args, "KKKKnnnnii|d", &h, &wt, &b, &y, &dff, &d, &T, &max_active, &dtype, &nthreads,
+                          &thr_d))
         return NULL;
+    const float thr = (float)thr_d;
     if (!tokens_ok(T)) return NULL;
     Py_ssize_t k = 0;
     int64_t *ix = (int64_t *)malloc((size_t)dff * sizeof(int64_t));
@@ -430,10 +448,13 @@ static PyObject *py_sparse_down(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     const float *hf = (const float *)h;
-    k = union_nonzero(hf, T, dff, ix);
+    k = thr > 0.0f ? union_above(hf, T, dff, thr, ix) : union_nonzero(hf, T, dff, ix);
     if (k <= max_active) {
         for (Py_ssize_t t = 0; t < T; ++t)
-            for (Py_ssize_t j = 0; j < k; ++j) hk[t * k + j] = hf[t * dff + ix[j]];
+            for (Py_ssize_t j = 0; j < k; ++j) {
+                float v = hf[t * dff + ix[j]];
+                hk[t * k + j] = fabsf(v) <= thr ? 0.0f : v; /* another token's value kept the row */
+            }
         rows_axpy((const void *)wt, dtype, hk, ix, (float *)y, (const float *)b, d, k, T, nthreads);
     }
     Py_END_ALLOW_THREADS

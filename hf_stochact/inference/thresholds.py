@@ -1,0 +1,233 @@
+"""Training-free input sparsity for any model (TEAL, Liu et al. 2024): magnitude thresholds on the inputs of linear
+layers, calibrated offline, applied by ``sparsify``.
+
+A linear layer ``y = W x + b`` whose input entries with ``|x_i| <= t`` are set to 0 needs only the columns of ``W``
+of the remaining inputs. :func:`calibrate_thresholds` collects the inputs of every linear layer of the transformer
+blocks (q/k/v/o, gate/up/down, fc1/fc2, ... found by walking modules; the output embedding is left dense) on a
+calibration text, and picks per-layer thresholds:
+
+* ``allocation="uniform"``: every layer at the target sparsity (the ``sparsity``-quantile of its ``|x|``);
+* ``allocation="greedy"``: a model-level target, per-layer sparsities chosen greedily (TEAL's idea, at layer level):
+  starting from 0, repeatedly raise by ``step`` the sparsity of the layer whose measured relative output error
+  ``||W (x - m(x))|| / ||W x||`` on the calibration tokens grows least per weight byte skipped, until the skipped
+  bytes reach ``sparsity`` of all thresholded weights.
+
+The result is a :class:`Thresholds` (module path -> threshold) stored in the model config
+(``config.sparse_thresholds``), so it is saved with ``save_pretrained`` and found again by ``sparsify`` after
+``from_pretrained``. Stock transformers ignores the key.
+
+FFNs with exact ReLU zeros keep the exact path (``SparseMLP``): thresholds are not calibrated for their layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layouts import PROJECTION_TYPES, find_mlps, relu_kind
+
+CONFIG_FIELD = "sparse_thresholds"
+ALLOCATIONS = ("uniform", "greedy")
+
+
+@dataclasses.dataclass
+class Thresholds:
+    """Per-layer input thresholds: ``values[path] = t`` (inputs with ``|x| <= t`` count as 0).
+
+    Args:
+        values: linear-module path -> threshold (>= 0).
+        sparsity: the calibration target (model-level for greedy, per layer for uniform).
+        allocation: how the per-layer sparsities were chosen.
+        layer_sparsity: the calibrated fraction of zeroed inputs per layer, on the calibration text.
+    """
+
+    values: dict[str, float]
+    sparsity: float = 0.0
+    allocation: str = "uniform"
+    layer_sparsity: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Thresholds:
+        if not isinstance(d, dict) or not isinstance(d.get("values"), dict):
+            raise ValueError(f"{CONFIG_FIELD} must be a mapping with a 'values' mapping (module path -> threshold), "
+                             f"got {type(d).__name__}")
+        values = {}
+        for path, t in d["values"].items():
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or math.isinf(t):
+                raise ValueError(f"{CONFIG_FIELD}.values[{path!r}] must be a finite number >= 0, got {t!r}")
+            values[path] = float(t)
+        return cls(values, float(d.get("sparsity", 0.0)), str(d.get("allocation", "uniform")),
+                   {k: float(v) for k, v in d.get("layer_sparsity", {}).items()})
+
+    def save_to_config(self, model: nn.Module) -> None:
+        setattr(model.config, CONFIG_FIELD, self.to_dict())
+
+    @classmethod
+    def from_config(cls, model: nn.Module) -> Thresholds | None:
+        d = getattr(getattr(model, "config", None), CONFIG_FIELD, None)
+        return None if d is None else cls.from_dict(d)
+
+    def weighted_sparsity(self, model: nn.Module) -> float:
+        """Calibrated zero fraction of all thresholded inputs, weighted by the weight bytes each input reads."""
+        sizes = {path: _weight_numel(model.get_submodule(path)) for path in self.layer_sparsity}
+        total = sum(sizes.values())
+        return sum(self.layer_sparsity[p] * n for p, n in sizes.items()) / total if total else 0.0
+
+
+def _weight_numel(layer: nn.Module) -> int:
+    layer = getattr(layer, "wrapped", layer)
+    return layer.weight.numel()
+
+
+def thresholdable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The linear layers whose inputs get thresholds: every ``nn.Linear``/``Conv1D`` except the output embedding
+    and the projections of ReLU FFNs (exact zeros there: ``SparseMLP``)."""
+    skip: set[int] = set()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        skip.add(id(out))
+    for mlp in find_mlps(model):
+        if relu_kind(mlp.activation) is not None:
+            skip.update(id(m) for m in (mlp.pre, mlp.up, mlp.down) if m is not None)
+    layers = []
+    for path, module in model.named_modules():
+        inner = getattr(module, "wrapped", module)
+        if isinstance(inner, PROJECTION_TYPES) and id(inner) not in skip and id(module) not in skip:
+            layers.append((path, module))
+    return layers
+
+
+def _check(sparsity: float, allocation: str, step: float) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step <= 0.5:
+        raise ValueError(f"step must be a number in (0, 0.5], got {step!r}")
+
+
+@torch.no_grad()
+def _collect(model: nn.Module, layers: list[tuple[str, nn.Module]], input_ids: torch.Tensor, max_tokens: int,
+             seed: int) -> dict[str, torch.Tensor]:
+    """Up to ``max_tokens`` input rows [N, d_in] (float32) per layer, sampled evenly over the calibration tokens."""
+    rows: dict[str, list[torch.Tensor]] = {path: [] for path, _ in layers}
+    handles = [module.register_forward_pre_hook(
+        lambda mod, args, path=path: rows[path].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for path, module in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for window in input_ids:
+            model(input_ids=window[None].to(next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for path, parts in rows.items():
+        x = torch.cat(parts).cpu()
+        if len(x) > max_tokens:
+            x = x[torch.randperm(len(x), generator=g)[:max_tokens]]
+        out[path] = x
+    return out
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """The q-quantile of ``values`` (a flat float tensor; 0 for q = 0)."""
+    if q <= 0:
+        return 0.0
+    k = min(len(values) - 1, max(0, int(math.ceil(q * len(values))) - 1))
+    return float(values.kthvalue(k + 1).values)
+
+
+def _relative_errors(x: torch.Tensor, weight: torch.Tensor, levels: list[float]) -> tuple[list[float], list[float]]:
+    """Thresholds at the given sparsity levels and the relative output error ``||W(x - m(x))|| / ||Wx||`` of each."""
+    w = weight.detach().float()
+    dense = x @ w.t()
+    norm = float(dense.norm()) or 1.0
+    mags = x.abs().flatten()
+    thresholds, errors = [], []
+    for level in levels:
+        t = _quantile(mags, level)
+        dropped = torch.where(x.abs() <= t, x, torch.zeros((), dtype=x.dtype)) if level > 0 else torch.zeros_like(x)
+        thresholds.append(t)
+        errors.append(float((dropped @ w.t()).norm()) / norm)
+    return thresholds, errors
+
+
+def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: float = 0.4, *,
+                         allocation: str = "greedy", step: float = 0.05, max_tokens: int = 512, seed: int = 0,
+                         save: bool = True) -> Thresholds:
+    """Per-layer input thresholds reaching ``sparsity`` (see the module docstring), stored in ``model.config``
+    unless ``save=False``.
+
+    Args:
+        model: a transformers model (any architecture: layers are found by walking modules).
+        input_ids: calibration windows, [N, T] token ids (e.g. 8 x 512 tokens of training text).
+        sparsity: target fraction of zeroed inputs, in [0, 1) (greedy: weighted by the weight bytes skipped).
+        allocation: ``"uniform"`` or ``"greedy"``.
+        step: greedy's sparsity increment per layer, in (0, 0.5].
+        max_tokens: calibration rows kept per layer (sampled over all tokens).
+
+    Raises:
+        ValueError: bad arguments (the message names them), or no layer to threshold.
+    """
+    _check(sparsity, allocation, step)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError("input_ids must be a non-empty [N, T] tensor of token ids")
+    layers = thresholdable_layers(model)
+    if not layers:
+        raise ValueError(f"calibrate_thresholds: no linear layer to threshold in {type(model).__name__}")
+    inputs = _collect(model, layers, input_ids, max_tokens, seed)
+    modules = dict(layers)
+    if allocation == "uniform" or sparsity == 0.0:
+        values, chosen = {}, {}
+        for path, x in inputs.items():
+            values[path] = _quantile(x.abs().flatten(), sparsity)
+            chosen[path] = float((x.abs() <= values[path]).float().mean()) if sparsity > 0 else 0.0
+        result = Thresholds(values, float(sparsity), allocation, chosen)
+    else:
+        levels = [round(i * step, 6) for i in range(int(round(0.95 / step)) + 1)]
+        tables = {path: _relative_errors(x, _inner(modules[path]).weight if not _is_conv1d(modules[path])
+                                         else _inner(modules[path]).weight.t(), levels)
+                  for path, x in inputs.items()}
+        sizes = {path: _weight_numel(modules[path]) for path in inputs}
+        total = sum(sizes.values())
+        at = dict.fromkeys(inputs, 0)
+        skipped = 0.0
+        while skipped < sparsity * total:
+            best, best_cost = None, math.inf
+            for path, i in at.items():
+                if i + 1 >= len(levels):
+                    continue
+                errors = tables[path][1]
+                cost = (errors[i + 1] ** 2 - errors[i] ** 2) / (sizes[path] * (levels[i + 1] - levels[i]))
+                if cost < best_cost:
+                    best, best_cost = path, cost
+            if best is None:
+                break
+            at[best] += 1
+            skipped += sizes[best] * (levels[at[best]] - levels[at[best] - 1])
+        values = {path: tables[path][0][i] for path, i in at.items()}
+        chosen = {path: float((inputs[path].abs() <= values[path]).float().mean()) if at[path] else 0.0
+                  for path in inputs}
+        result = Thresholds(values, float(sparsity), allocation, chosen)
+    if save:
+        result.save_to_config(model)
+    return result
+
+
+def _inner(layer: nn.Module) -> nn.Module:
+    return getattr(layer, "wrapped", layer)
+
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    return not isinstance(_inner(layer), nn.Linear)
