@@ -220,6 +220,7 @@ def run(cfg: RelufyConfig) -> dict:
         warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=max(1, cfg.steps // 30), save_strategy="no",
         report_to=[], seed=cfg.seed, use_cpu=cfg.cpu, dataloader_num_workers=0, bf16=cfg.bf16,
         activation_checkpointing=cfg.gradient_checkpointing, hub_model_id=cfg.push_to_hub or None,
+        ddp_find_unused_parameters=False,  # every parameter takes part in every step
     )
     main = args.process_index == 0
     say = _say(main)
@@ -287,8 +288,11 @@ def weights_digest(model: nn.Module) -> str:
     """SHA-1 of every parameter's bytes, in order (data-parallel ranks must end bit-identical)."""
     digest = hashlib.sha1()
     for name, param in model.named_parameters():
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2): the whole parameter
+            tensor = tensor.full_tensor()
         digest.update(name.encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
