@@ -177,3 +177,22 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(ValueError, match="calibrate input thresholds"):
         sparsify(tiny_llama("silu"))
     assert hf_stochact.calibrate_thresholds is calibrate_thresholds
+
+
+def test_block_allocation_meets_the_target_in_every_block_and_groups_shared_inputs():
+    from hf_stochact.inference.thresholds import block_of
+
+    model = tiny_llama("silu", layers=2).eval()
+    ids = calib(2, 32)
+    th = calibrate_thresholds(model, ids, sparsity=0.4, allocation="block", step=0.1, save=False)
+    assert th.allocation == "block"
+    sizes = {p: model.get_submodule(p).weight.numel() for p in th.values}
+    for block in ("model.layers.0", "model.layers.1"):
+        paths = [p for p in th.values if block_of(p) == block]
+        assert len(paths) == 7
+        nominal = {p: round(th.layer_sparsity[p], 1) for p in paths}  # calibrated fractions, near the 0.1 grid
+        weighted = sum(nominal[p] * sizes[p] for p in paths) / sum(sizes[p] for p in paths)
+        assert 0.4 - 1e-6 <= weighted <= 0.4 + 0.1  # the block's bytes reach the target, by at most one step more
+        attn = f"{block}.self_attn."
+        assert th.values[attn + "q_proj"] == th.values[attn + "k_proj"] == th.values[attn + "v_proj"]  # one input
+        assert th.values[f"{block}.mlp.gate_proj"] == th.values[f"{block}.mlp.up_proj"]

@@ -7,10 +7,15 @@ blocks (q/k/v/o, gate/up/down, fc1/fc2, ... found by walking modules; the output
 calibration text, and picks per-layer thresholds:
 
 * ``allocation="uniform"``: every layer at the target sparsity (the ``sparsity``-quantile of its ``|x|``);
-* ``allocation="greedy"``: a model-level target, per-layer sparsities chosen greedily (TEAL's idea, at layer level):
-  starting from 0, repeatedly raise by ``step`` the sparsity of the layer whose measured relative output error
+* ``allocation="greedy"``: a model-level target, per-layer sparsities chosen greedily at layer level: starting from
+  0, repeatedly raise by ``step`` the sparsity of the layer whose measured relative output error
   ``||W (x - m(x))|| / ||W x||`` on the calibration tokens grows least per weight byte skipped, until the skipped
-  bytes reach ``sparsity`` of all thresholded weights.
+  bytes reach ``sparsity`` of all thresholded weights;
+* ``allocation="block"``: TEAL's allocation: every transformer block (the module path up to the first layer
+  index, e.g. ``model.layers.3``) reaches ``sparsity`` of its weight bytes; inside it, layers reading the same
+  input (q/k/v; gate/up) form one group, and the group whose increment raises the *block's* measured output error
+  least per byte skipped is raised by ``step``, the block re-run on captured calibration inputs for every
+  candidate.
 
 The result is a :class:`Thresholds` (module path -> threshold) stored in the model config
 (``config.sparse_thresholds``), so it is saved with ``save_pretrained`` and found again by ``sparsify`` after
@@ -28,10 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels.reference import magnitude_mask
 from ..layouts import PROJECTION_TYPES, find_mlps, relu_kind
 
 CONFIG_FIELD = "sparse_thresholds"
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "block")
 
 
 @dataclasses.dataclass
@@ -115,12 +121,19 @@ def _check(sparsity: float, allocation: str, step: float) -> None:
 
 @torch.no_grad()
 def _collect(model: nn.Module, layers: list[tuple[str, nn.Module]], input_ids: torch.Tensor, max_tokens: int,
-             seed: int) -> dict[str, torch.Tensor]:
-    """Up to ``max_tokens`` input rows [N, d_in] (float32) per layer, sampled evenly over the calibration tokens."""
+             seed: int, sources: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Up to ``max_tokens`` input rows [N, d_in] (float32) per layer, sampled evenly over the calibration tokens.
+    ``sources`` (if given) receives, per layer, an id of its input tensor in the last window (layers with equal ids
+    read the same input)."""
     rows: dict[str, list[torch.Tensor]] = {path: [] for path, _ in layers}
-    handles = [module.register_forward_pre_hook(
-        lambda mod, args, path=path: rows[path].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
-        for path, module in layers]
+
+    def hook(mod, args, path):
+        rows[path].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        if sources is not None:
+            sources[path] = id(args[0])
+
+    handles = [module.register_forward_pre_hook(lambda mod, args, path=path: hook(mod, args, path))
+               for path, module in layers]
     was_training = model.training
     model.eval()
     try:
@@ -130,12 +143,11 @@ def _collect(model: nn.Module, layers: list[tuple[str, nn.Module]], input_ids: t
         model.train(was_training)
         for h in handles:
             h.remove()
-    g = torch.Generator().manual_seed(seed)
     out = {}
     for path, parts in rows.items():
         x = torch.cat(parts).cpu()
-        if len(x) > max_tokens:
-            x = x[torch.randperm(len(x), generator=g)[:max_tokens]]
+        if len(x) > max_tokens:  # the same rows for every layer: layers reading one input get one threshold
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_tokens]]
         out[path] = x
     return out
 
@@ -163,9 +175,106 @@ def _relative_errors(x: torch.Tensor, weight: torch.Tensor, levels: list[float])
     return thresholds, errors
 
 
+def block_of(path: str) -> str:
+    """The transformer block holding ``path``: the path up to its first numeric component (``""``: none)."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ""
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@torch.no_grad()
+def _block_allocation(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, torch.Tensor],
+                      sources: dict[str, int], input_ids: torch.Tensor, sparsity: float, step: float,
+                      eval_tokens: int) -> dict[str, int]:
+    """TEAL's per-block greedy allocation: the level index (multiple of ``step``) chosen for every layer."""
+    levels = [round(i * step, 6) for i in range(int(round(0.95 / step)) + 1)]
+    table = {p: [_quantile(x.abs().flatten(), lv) for lv in levels] for p, x in inputs.items()}
+    blocks: dict[str, list[str]] = {}
+    for path in inputs:
+        blocks.setdefault(block_of(path), []).append(path)
+    captured: dict[str, list] = {b: [] for b in blocks}
+    handles = []
+    for b in blocks:
+        block = model.get_submodule(b) if b else model
+        handles.append(block.register_forward_hook(
+            lambda mod, args, kwargs, out, b=b: captured[b].append((args, kwargs, _first(out).detach())),
+            with_kwargs=True))
+    width = max(1, min(input_ids.shape[1], eval_tokens))
+    rows = max(1, min(len(input_ids), eval_tokens // width))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for window in input_ids[:rows, :width]:
+            model(input_ids=window[None].to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    chosen: dict[str, int] = {}
+    for b, paths in blocks.items():
+        block = model.get_submodule(b) if b else model
+        groups: dict[int, list[str]] = {}
+        for path in paths:
+            groups.setdefault(sources.get(path, id(path)), []).append(path)
+        group_list = list(groups.values())
+        at = [0] * len(group_list)
+        sizes = [sum(_weight_numel(modules[p]) for p in g) for g in group_list]
+        total = sum(sizes)
+        current = {p: 0.0 for p in paths}
+        hooks = [modules[p].register_forward_pre_hook(
+            lambda mod, args, p=p, current=current: (magnitude_mask(args[0], current[p]), *args[1:])
+            if current[p] > 0 else None)
+            for p in paths]
+
+        def error(block: nn.Module = block, runs: list = captured[b]) -> float:
+            num = den = 0.0
+            for args, kwargs, dense in runs:
+                y = _first(block(*args, **kwargs))
+                num += float((y - dense).float().pow(2).sum())
+                den += float(dense.float().pow(2).sum())
+            return num / (den or 1.0)
+
+        try:
+            err, skipped = 0.0, 0.0
+            while skipped < sparsity * total:
+                best, best_cost, best_err = None, math.inf, err
+                for gi, group in enumerate(group_list):
+                    if at[gi] + 1 >= len(levels):
+                        continue
+                    for p in group:
+                        current[p] = table[p][at[gi] + 1]
+                    e = error()
+                    for p in group:
+                        current[p] = table[p][at[gi]]
+                    cost = (e - err) / (sizes[gi] * step)
+                    if cost < best_cost:
+                        best, best_cost, best_err = gi, cost, e
+                if best is None:
+                    break
+                at[best] += 1
+                for p in group_list[best]:
+                    current[p] = table[p][at[best]]
+                err = best_err
+                skipped += sizes[best] * step
+        finally:
+            for h in hooks:
+                h.remove()
+        for gi, group in enumerate(group_list):
+            for p in group:
+                chosen[p] = at[gi]
+    return chosen
+
+
 def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: float = 0.4, *,
                          allocation: str = "greedy", step: float = 0.05, max_tokens: int = 512, seed: int = 0,
-                         save: bool = True) -> Thresholds:
+                         eval_tokens: int = 512, save: bool = True) -> Thresholds:
     """Per-layer input thresholds reaching ``sparsity`` (see the module docstring), stored in ``model.config``
     unless ``save=False``.
 
@@ -173,9 +282,10 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
         model: a transformers model (any architecture: layers are found by walking modules).
         input_ids: calibration windows, [N, T] token ids (e.g. 8 x 512 tokens of training text).
         sparsity: target fraction of zeroed inputs, in [0, 1) (greedy: weighted by the weight bytes skipped).
-        allocation: ``"uniform"`` or ``"greedy"``.
+        allocation: ``"uniform"``, ``"greedy"`` or ``"block"``.
         step: greedy's sparsity increment per layer, in (0, 0.5].
         max_tokens: calibration rows kept per layer (sampled over all tokens).
+        eval_tokens: ``"block"`` only: calibration tokens each block is re-run on per candidate.
 
     Raises:
         ValueError: bad arguments (the message names them), or no layer to threshold.
@@ -186,9 +296,16 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
     layers = thresholdable_layers(model)
     if not layers:
         raise ValueError(f"calibrate_thresholds: no linear layer to threshold in {type(model).__name__}")
-    inputs = _collect(model, layers, input_ids, max_tokens, seed)
+    sources: dict[str, int] = {}
+    inputs = _collect(model, layers, input_ids, max_tokens, seed, sources)
     modules = dict(layers)
-    if allocation == "uniform" or sparsity == 0.0:
+    if allocation == "block" and sparsity > 0.0:
+        step_levels = [round(i * step, 6) for i in range(int(round(0.95 / step)) + 1)]
+        at = _block_allocation(model, modules, inputs, sources, input_ids, sparsity, step, eval_tokens)
+        values = {p: _quantile(x.abs().flatten(), step_levels[at[p]]) for p, x in inputs.items()}
+        chosen = {p: float((inputs[p].abs() <= values[p]).float().mean()) if at[p] else 0.0 for p in inputs}
+        result = Thresholds(values, float(sparsity), allocation, chosen)
+    elif allocation == "uniform" or sparsity == 0.0:
         values, chosen = {}, {}
         for path, x in inputs.items():
             values[path] = _quantile(x.abs().flatten(), sparsity)
