@@ -164,7 +164,7 @@ def test_bad_arguments_raise_naming_them():
     model = tiny_llama("silu")
     with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\), got 1.0"):
         calibrate_thresholds(model, calib(), sparsity=1.0)
-    with pytest.raises(ValueError, match="allocation must be one of uniform, greedy, got 'teal'"):
+    with pytest.raises(ValueError, match="allocation must be one of uniform, greedy, block, got 'teal'"):
         calibrate_thresholds(model, calib(), allocation="teal")
     with pytest.raises(ValueError, match="input_ids must be a non-empty"):
         calibrate_thresholds(model, torch.zeros(5, dtype=torch.long))
