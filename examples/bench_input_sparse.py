@@ -1,6 +1,7 @@
 """Input-sparse linear layers vs the dense product, per layer shape and input density (one decode token).
 
-For each shape (d_in x d_out) and density: the dense ``F.linear`` on the masked input (MKL) against
+For each shape (d_in x d_out) and density: the dense ``F.linear`` on the masked input (MKL, the weight contiguous
+[d_out, d_in] as an unsparsified ``nn.Linear`` holds it) against
 ``hf_stochact::sparse_down`` with a threshold (reads only the weight rows of surviving inputs, weight stored once in
 rows layout), alternated in one process, medians over rounds of rotated weight copies (so the weights come from
 memory, as in a decode step). Prints a markdown table and the break-even density per shape: the ``max_density`` a
@@ -39,8 +40,8 @@ def run(shapes, densities, dtype, rounds, min_bytes, threads):
             times = {"dense": [], "sparse": []}
             for _ in range(rounds):
                 t0 = time.perf_counter()
-                for wi in w_t:
-                    F.linear(magnitude_mask(xd, t), wi.t())
+                for wi in w:  # an unsparsified nn.Linear: contiguous [d_out, d_in]
+                    F.linear(magnitude_mask(xd, t), wi)
                 times["dense"].append((time.perf_counter() - t0) / len(w))
                 t0 = time.perf_counter()
                 for wi in w_t:

@@ -155,3 +155,27 @@ def test_every_flag_has_help():
     for module, cls_name, _ in COMMANDS.values():
         for f in dataclasses.fields(getattr(importlib.import_module(module), cls_name)):
             assert len(f.metadata.get("help", "")) > 10, f"{cls_name}.{f.name} has no help text"
+
+
+def test_frontier_runs_on_a_tiny_model_and_writes_its_table(tmp_path, capsys):
+    save_tiny(tmp_path / "m", act="silu")
+    out = tmp_path / "frontier"
+    assert main(["frontier", "--model", str(tmp_path / "m"), "--sparsity", "0.4", "--allocation", "uniform,block",
+                 "--rounds", "1", "--new-tokens", "2", "--eval-chars", "2000", "--eval-window", "32",
+                 "--out", str(out)]) == 0
+    rows = __import__("json").loads(out.with_suffix(".json").read_text())["rows"]
+    labels = [r["label"] for r in rows]
+    assert labels[:4] == ["dense", "every linear on the rows loop (threshold 0: exact)",
+                          "thresholds 40% (uniform)", "thresholds 40% (block)"]
+    assert "ReLU swap (no training), exact" in labels
+    assert rows[1]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-4)  # threshold 0 changes nothing
+    assert all(r["rss_sparse_mib"] > 0 and r["sparse_calls"] > 0 for r in rows[1:])
+    assert rows[2]["input_sparsity"] == pytest.approx(0.4, abs=0.03)
+    assert "| thresholds 40% (block) |" in capsys.readouterr().out and out.with_suffix(".png").exists()
+
+
+def test_frontier_rejects_a_bad_allocation(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["frontier", "--model", "x", "--allocation", "teal"])
+    assert exit_.value.code == 2
+    assert "--allocation: item teal: must be one of uniform, greedy, block" in capsys.readouterr().err

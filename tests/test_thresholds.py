@@ -176,6 +176,8 @@ def test_bad_arguments_raise_naming_them():
         sparsify(model, thresholds={"values": {"model.norm": 0.1}})
     with pytest.raises(ValueError, match="calibrate input thresholds"):
         sparsify(tiny_llama("silu"))
+    with pytest.raises(ValueError, match=r"input_max_density must be a number in \[0, 1\], got 1.5"):
+        hf_stochact.SparseConfig(input_max_density=1.5)
     assert hf_stochact.calibrate_thresholds is calibrate_thresholds
 
 

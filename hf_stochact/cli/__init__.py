@@ -25,6 +25,8 @@ COMMANDS = {
               "dense vs sparse FFN speed on this CPU: MLP microbenchmarks, or decode tokens/s of --model"),
     "sparsity": ("hf_stochact.cli.sparsity", "SparsityConfig",
                  "per-layer FFN sparsity of a model on real text: exact zeros, magnitude, CETT, reuse across tokens"),
+    "frontier": ("hf_stochact.cli.frontier", "FrontierConfig",
+                 "perplexity vs end-to-end decode speed of sparse points (input thresholds, ReLU) on a real model"),
     "generate": ("hf_stochact.cli.generate", "GenerateConfig",
                  "print k completions of a prompt with stochastic activations (diverse even when greedy)"),
 }

@@ -51,6 +51,9 @@ class SparseConfig:
         max_density: at most this fraction of neurons active in the union over the tokens, in [0, 1]; more ->
             dense. The sparse loops break even with the dense MLP at about 75% active neurons (float32, one token,
             576x1536 on a 2-core Xeon; larger MLPs gain earlier: docs/sparse_inference.md).
+        input_max_density: the same for thresholded linear layers (:class:`ThresholdedLinear`), in [0, 1]. The
+            rows loop reads weights faster than the dense product on the masked input up to 80-100% surviving
+            inputs, depending on the shape (docs/input_sparse_bench.md), so by default it always runs.
 
     Raises:
         ValueError: either value out of range (the message names it and the range).
@@ -58,6 +61,7 @@ class SparseConfig:
 
     max_tokens: int = 4
     max_density: float = 0.7
+    input_max_density: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or \
@@ -66,6 +70,9 @@ class SparseConfig:
         if isinstance(self.max_density, bool) or not isinstance(self.max_density, (int, float)) or \
                 not 0.0 <= self.max_density <= 1.0:
             raise ValueError(f"max_density must be a number in [0, 1], got {self.max_density!r}")
+        if isinstance(self.input_max_density, bool) or not isinstance(self.input_max_density, (int, float)) or \
+                not 0.0 <= self.input_max_density <= 1.0:
+            raise ValueError(f"input_max_density must be a number in [0, 1], got {self.input_max_density!r}")
 
 
 class _CallCounter:
@@ -203,7 +210,7 @@ class ThresholdedLinear(_Wrapper):
         if x.numel() <= self.config.max_tokens * shape[-1] and x.is_cpu and not _needs_grad(self, x):
             w_t, bias = down_rows(self.original), param(self.original, "bias")
             if loop_readable(w_t, bias, x) and w_t.is_contiguous():
-                y, k = kernels.sparse_down(x.reshape(-1, shape[-1]), w_t, bias, self.config.max_density,
+                y, k = kernels.sparse_down(x.reshape(-1, shape[-1]), w_t, bias, self.config.input_max_density,
                                            self.threshold)
                 if not torch.compiler.is_compiling():
                     self.counter.add("sparse" if int(k) >= 0 else "dense")
