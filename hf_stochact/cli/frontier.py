@@ -173,6 +173,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, name: str) -> None:
+    """Perplexity ratio vs speedup; one series per kind of point (thresholds per allocation, lines through the
+    sparsities), points beyond 3x perplexity listed in the title instead of plotted."""
     try:
         import matplotlib
     except ImportError:  # the table and JSON are written; the plot needs the examples extra
@@ -182,18 +184,34 @@ def plot(rows: list[dict], path: Path, name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    series: dict[str, list[dict]] = {}
+    off = []
     for r in rows:
-        x = r.get("speedup", 1.0)
-        ax.scatter(x, r["ppl_ratio"], s=30)
-        ax.annotate(r["label"], (x, r["ppl_ratio"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if r["ppl_ratio"] > 3:
+            off.append(f"{r['label']}: {r['ppl_ratio']:.0f}x ppl")
+            continue
+        kind = r["label"].rsplit("(", 1)[1].rstrip(")") if "thresholds" in r["label"] and "(" in r["label"] \
+            else r["label"]
+        series.setdefault(kind, []).append(r)
+    for kind, points in series.items():
+        xs = [r.get("speedup", 1.0) for r in points]
+        ys = [r["ppl_ratio"] for r in points]
+        ax.plot(xs, ys, marker="o", lw=1, label=kind if len(points) == 1 else f"thresholds, {kind} allocation")
+        if len(points) > 1:
+            for r, x, y in zip(points, xs, ys):
+                ax.annotate(f"{r['input_sparsity']:.0%}", (x, y), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
     ax.axhline(1.10, ls="--", lw=0.8, color="gray")
     ax.axhline(1.25, ls=":", lw=0.8, color="gray")
     ax.axvline(1.5, ls="--", lw=0.8, color="gray")
     ax.axvline(2.0, ls=":", lw=0.8, color="gray")
-    ax.set_yscale("log")
-    ax.set_xlabel("end-to-end decode speedup vs the same model dense (batch 1, float32)")
+    ax.set_xlabel("end-to-end decode speedup vs the same model dense (batch 1)")
     ax.set_ylabel("held-out perplexity / dense model's")
-    ax.set_title(f"{name}: quality vs decode speed")
+    title = f"{name}: quality vs decode speed"
+    if off:
+        title += "\noff the chart: " + "; ".join(off)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
