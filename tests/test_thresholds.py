@@ -198,3 +198,21 @@ def test_block_allocation_meets_the_target_in_every_block_and_groups_shared_inpu
         attn = f"{block}.self_attn."
         assert th.values[attn + "q_proj"] == th.values[attn + "k_proj"] == th.values[attn + "v_proj"]  # one input
         assert th.values[f"{block}.mlp.gate_proj"] == th.values[f"{block}.mlp.up_proj"]
+
+
+def test_bfloat16_prefill_runs_the_loop_in_chunks_and_matches_the_masked_product():
+    from hf_stochact.inference.sparse import SparseConfig
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    reference = layer.weight.detach().float().clone(), layer.bias.detach().float().clone()
+    parent = torch.nn.Sequential(layer)
+    sparsify(parent, thresholds={"values": {"0": 0.5}})
+    wrapper = parent[0]
+    assert isinstance(wrapper, ThresholdedLinear) and wrapper.config == SparseConfig()
+    x = torch.randn(2, 37, 64).to(torch.bfloat16)  # 74 tokens: more than max_tokens, in chunks of 16
+    with torch.no_grad():
+        y = parent(x)
+    expected = torch.nn.functional.linear(magnitude_mask(x, 0.5).float(), *reference)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 37, 48)
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)

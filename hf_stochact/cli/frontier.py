@@ -49,6 +49,8 @@ class FrontierConfig:
     rounds: int = option(5, "dense/sparse alternations per point; medians", check=at_least(1))
     new_tokens: int = option(64, "tokens decoded per timed generate call", check=at_least(1))
     threads: int = option(2, "torch threads", check=at_least(1))
+    dtype: str = option("float32", "weight dtype of every point (float32, bfloat16: the loops read both)",
+                        check=one_of("float32", "bfloat16"))
     out: str = option("docs/frontier", "write <out>.json and <out>.png")
 
     def check(self) -> None:
@@ -106,7 +108,7 @@ def run(cfg: FrontierConfig) -> dict:
     validate(cfg)
     torch.set_num_threads(cfg.threads)
     tok, model = load_causal_lm(cfg.model, cfg.gguf, command="frontier")
-    model.eval()
+    model.to(getattr(torch, cfg.dtype)).eval()
     windows = eval_ids(tok, RelufyConfig(eval_chars=cfg.eval_chars, eval_window=cfg.eval_window))
     calib = _calibration(tok)
     rows: list[dict] = []
@@ -146,7 +148,7 @@ def run(cfg: FrontierConfig) -> dict:
         point("ReLU swap + attention thresholds 40%", model, attention_only(th))
     for folder in filter(None, cfg.relu_model.split(",")):
         _, relu = load_causal_lm(folder, "", command="frontier")
-        relu.eval()
+        relu.to(getattr(torch, cfg.dtype)).eval()
         point(f"{Path(folder).name}, exact", relu, exact=True)
         th = calibrate_thresholds(relu, calib, 0.4, allocation="greedy", max_tokens=256, save=False)
         point(f"{Path(folder).name} + attention thresholds 40%", relu, attention_only(th))

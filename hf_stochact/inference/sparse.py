@@ -207,14 +207,23 @@ class ThresholdedLinear(_Wrapper):
 
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if x.numel() <= self.config.max_tokens * shape[-1] and x.is_cpu and not _needs_grad(self, x):
+        if x.is_cpu and not _needs_grad(self, x):
             w_t, bias = down_rows(self.original), param(self.original, "bias")
             if loop_readable(w_t, bias, x) and w_t.is_contiguous():
-                y, k = kernels.sparse_down(x.reshape(-1, shape[-1]), w_t, bias, self.config.input_max_density,
-                                           self.threshold)
-                if not torch.compiler.is_compiling():
-                    self.counter.add("sparse" if int(k) >= 0 else "dense")
-                return y.reshape(*shape[:-1], y.shape[-1])
+                x2d = x.reshape(-1, shape[-1])
+                if len(x2d) <= self.config.max_tokens:
+                    y, k = kernels.sparse_down(x2d, w_t, bias, self.config.input_max_density, self.threshold)
+                    if not torch.compiler.is_compiling():
+                        self.counter.add("sparse" if int(k) >= 0 else "dense")
+                    return y.reshape(*shape[:-1], y.shape[-1])
+                if w_t.dtype == torch.bfloat16:
+                    # torch's bfloat16 product with the rows-layout (transposed) weight is ~12x slower than with
+                    # the original layout (measured: 28 ms vs 2.2 ms for 19 x 576 x 1536 on this CPU); the loop
+                    # in chunks of MAX_TOKENS tokens reads the weight as stored
+                    step = kernels.MAX_TOKENS
+                    y = torch.cat([kernels.sparse_down(x2d[i:i + step], w_t, bias, 1.0, self.threshold)[0]
+                                   for i in range(0, len(x2d), step)])
+                    return y.reshape(*shape[:-1], y.shape[-1])
         return self.dense(magnitude_mask(x, self.threshold))
 
     def extra_repr(self) -> str:
