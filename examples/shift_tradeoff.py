@@ -17,20 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from hf_stochact import calibrate_shift, data
 from hf_stochact.cli.loading import load_causal_lm
 from hf_stochact.cli.relufy import RelufyConfig, eval_ids, perplexity
-
-
-def calibration_ids(tokenizer, rows: int = 8, window: int = 512, eval_file: str = "argparse.py") -> torch.Tensor:
-    corpus = data.load_corpus()  # the stdlib, split by file
-    train = corpus.train.filter(lambda row: Path(row["path"]).name != eval_file)
-    ids = data.windows(tokenizer, data.text_of(train, "text", 20 * rows * window), window, what="calibration text")
-    if len(ids) < rows:
-        raise ValueError(f"calibration text too short: {len(ids)} windows of {window} tokens for rows={rows}")
-    return ids[:rows]
 
 
 def main() -> None:
@@ -51,7 +40,7 @@ def main() -> None:
         name = Path(folder).name
         results[name] = []
         tokenizer, _ = load_causal_lm(folder)
-        windows, calibration = eval_ids(tokenizer, RelufyConfig()), calibration_ids(tokenizer)
+        windows, calibration = eval_ids(tokenizer, RelufyConfig()), data.calibration_windows(tokenizer)
         for target in sorted(set([0.0, *args.sparsity])):
             if target > 0 and target <= results[name][0]["sparsity"]:
                 print(f"{name} target {target}: skipped (the model already has "

@@ -290,6 +290,20 @@ def windows(tokenizer, text: str, window: int, *, what: str = "held-out text") -
     return torch.tensor(ids[: n * window]).view(n, window)
 
 
+def calibration_windows(tokenizer, rows: int = 8, window: int = 512, exclude: str = "argparse.py") -> torch.Tensor:
+    """``rows`` windows of ``window`` tokens of training-split stdlib text (``exclude``, the held-out evaluation
+    file, left out): the calibration text of gate shifts and input thresholds, ``[rows, window]``.
+
+    Raises:
+        ValueError: the text gives fewer than ``rows`` windows.
+    """
+    train = load_corpus().train.filter(lambda row: Path(row["path"]).name != exclude)
+    ids = windows(tokenizer, text_of(train, "text", 20 * rows * window), window, what="calibration text")
+    if len(ids) < rows:
+        raise ValueError(f"calibration text too short: {len(ids)} windows of {window} tokens for rows={rows}")
+    return ids[:rows]
+
+
 def train_tokenizer(texts: str | list[str], vocab_size: int = 4096):
     """A byte-level BPE tokenizer trained on ``texts``, as a ``PreTrainedTokenizerFast`` (eos/pad =
     ``<|endoftext|>``)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import data
 from ..analysis.metrics import perplexity
 from ..inference.sparse import sparse_stats, sparsify, unsparsify
 from ..inference.thresholds import ALLOCATIONS, Thresholds, calibrate_thresholds
@@ -65,14 +66,6 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def _calibration(tokenizer, rows: int = 8, window: int = 512) -> torch.Tensor:
-    from .. import data
-
-    train = data.load_corpus().train.filter(lambda row: Path(row["path"]).name != "argparse.py")
-    return data.windows(tokenizer, data.text_of(train, "text", 20 * rows * window), window,
-                        what="calibration text")[:rows]
-
-
 @torch.inference_mode()
 def decode_ratio(model, tok, apply, rounds: int, new_tokens: int) -> dict:
     """Median decode time of the dense model vs the model after ``apply`` (alternated), tokens checked."""
@@ -110,7 +103,7 @@ def run(cfg: FrontierConfig) -> dict:
     tok, model = load_causal_lm(cfg.model, cfg.gguf, command="frontier")
     model.to(getattr(torch, cfg.dtype)).eval()
     windows = eval_ids(tok, RelufyConfig(eval_chars=cfg.eval_chars, eval_window=cfg.eval_window))
-    calib = _calibration(tok)
+    calib = data.calibration_windows(tok)
     rows: list[dict] = []
 
     def point(label, m, thresholds=None, exact=False):

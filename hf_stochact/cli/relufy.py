@@ -148,15 +148,25 @@ def corpus_for(cfg: RelufyConfig) -> data.Corpus:
         raise as_usage_error(error) from error
 
 
+def _stdlib_eval(cfg: RelufyConfig, corpus: data.Corpus | None) -> bool:
+    return corpus is None or (cfg.default_data and not cfg.eval_data)
+
+
+def held_out_description(cfg: RelufyConfig, corpus: data.Corpus | None) -> str:
+    """What :func:`held_out_text` reads, in words (for logs, the report and the model card)."""
+    return cfg.eval_file if _stdlib_eval(cfg, corpus) else "held-out rows of " + corpus.description
+
+
 def held_out_text(cfg: RelufyConfig, corpus: data.Corpus | None) -> tuple[str, str]:
     """(held-out text, its description): ``eval_file`` of the stdlib with the default data, else the held-out
     split's rows, at most ``eval_chars`` characters."""
-    if corpus is None or (cfg.default_data and not cfg.eval_data):
-        return (data.stdlib_root() / cfg.eval_file).read_text(encoding="utf-8")[: cfg.eval_chars], cfg.eval_file
+    what = held_out_description(cfg, corpus)
+    if _stdlib_eval(cfg, corpus):
+        return (data.stdlib_root() / cfg.eval_file).read_text(encoding="utf-8")[: cfg.eval_chars], what
     if corpus.held_out is None:
         raise UsageError("--held-out-fraction", "no held-out text to measure perplexity on: pass --eval-data or a "
                                                 "fraction > 0")
-    return data.text_of(corpus.held_out, corpus.column, cfg.eval_chars), "held-out rows of " + corpus.description
+    return data.text_of(corpus.held_out, corpus.column, cfg.eval_chars), what
 
 
 def train_blocks(cfg: RelufyConfig, corpus: data.Corpus, tokenizer):
@@ -236,7 +246,7 @@ def run(cfg: RelufyConfig) -> dict:
     if cfg.target_sparsity > 0:
         GateShift(model).check_foldable()
     windows = eval_ids(tokenizer, cfg, corpus)
-    eval_what = held_out_text(cfg, corpus)[1] if not (cfg.default_data and not cfg.eval_data) else cfg.eval_file
+    eval_what = held_out_description(cfg, corpus)
     say(f"[2/5] perplexity before (original activation) on {len(windows)} x {cfg.eval_window} tokens of {eval_what}")
     ppl_before, _ = perplexity(model, windows, progress=main)
     say(f"      ppl {ppl_before:.3f}")

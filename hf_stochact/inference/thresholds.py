@@ -175,6 +175,11 @@ def _relative_errors(x: torch.Tensor, weight: torch.Tensor, levels: list[float])
     return thresholds, errors
 
 
+def _levels(step: float) -> list[float]:
+    """The sparsity grid the greedy allocations climb: 0, step, 2 step, ... up to 0.95."""
+    return [round(i * step, 6) for i in range(int(round(0.95 / step)) + 1)]
+
+
 def block_of(path: str) -> str:
     """The transformer block holding ``path``: the path up to its first numeric component (``""``: none)."""
     parts = path.split(".")
@@ -193,7 +198,7 @@ def _block_allocation(model: nn.Module, modules: dict[str, nn.Module], inputs: d
                       sources: dict[str, int], input_ids: torch.Tensor, sparsity: float, step: float,
                       eval_tokens: int) -> dict[str, int]:
     """TEAL's per-block greedy allocation: the level index (multiple of ``step``) chosen for every layer."""
-    levels = [round(i * step, 6) for i in range(int(round(0.95 / step)) + 1)]
+    levels = _levels(step)
     table = {p: [_quantile(x.abs().flatten(), lv) for lv in levels] for p, x in inputs.items()}
     blocks: dict[str, list[str]] = {}
     for path in inputs:
@@ -300,7 +305,7 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
     inputs = _collect(model, layers, input_ids, max_tokens, seed, sources)
     modules = dict(layers)
     if allocation == "block" and sparsity > 0.0:
-        step_levels = [round(i * step, 6) for i in range(int(round(0.95 / step)) + 1)]
+        step_levels = _levels(step)
         at = _block_allocation(model, modules, inputs, sources, input_ids, sparsity, step, eval_tokens)
         values = {p: _quantile(x.abs().flatten(), step_levels[at[p]]) for p, x in inputs.items()}
         chosen = {p: float((inputs[p].abs() <= values[p]).float().mean()) if at[p] else 0.0 for p in inputs}
@@ -312,7 +317,7 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
             chosen[path] = float((x.abs() <= values[path]).float().mean()) if sparsity > 0 else 0.0
         result = Thresholds(values, float(sparsity), allocation, chosen)
     else:
-        levels = [round(i * step, 6) for i in range(int(round(0.95 / step)) + 1)]
+        levels = _levels(step)
         tables = {path: _relative_errors(x, _inner(modules[path]).weight if not _is_conv1d(modules[path])
                                          else _inner(modules[path]).weight.t(), levels)
                   for path, x in inputs.items()}
