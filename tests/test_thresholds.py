@@ -216,3 +216,14 @@ def test_bfloat16_prefill_runs_the_loop_in_chunks_and_matches_the_masked_product
     expected = torch.nn.functional.linear(magnitude_mask(x, 0.5).float(), *reference)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 37, 48)
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_thresholded_model_equals_eager():
+    model = tiny_llama("silu").eval()
+    calibrate_thresholds(model, calib(), sparsity=0.4, allocation="uniform")
+    sparsify(model)
+    ids = calib(1, 1, seed=5)  # one token: every thresholded layer on the sparse operator
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, fullgraph=True)(input_ids=ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
