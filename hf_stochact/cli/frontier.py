@@ -107,18 +107,16 @@ def run(cfg: FrontierConfig) -> dict:
     rows: list[dict] = []
 
     def point(label, m, thresholds=None, exact=False):
-        if thresholds is not None:
+        sparse = thresholds is not None or exact
+
+        def apply():  # thresholds=None: the exact ReLU path only (calibration here never writes the config)
             sparsify(m, thresholds=thresholds)
-        elif exact:
-            sparsify(m)
+
+        if sparse:
+            apply()
         ppl, _ = perplexity(m, windows, progress=False)
         unsparsify(m)
-
-        def apply():
-            sparsify(m, thresholds=thresholds) if thresholds is not None else sparsify(m)
-
-        speed = decode_ratio(m, tok, apply, cfg.rounds, cfg.new_tokens) if (thresholds is not None or exact) \
-            else None
+        speed = decode_ratio(m, tok, apply, cfg.rounds, cfg.new_tokens) if sparse else None
         row = {"label": label, "ppl": ppl, "input_sparsity": thresholds.weighted_sparsity(m) if thresholds else None,
                **(speed or {})}
         rows.append(row)
