@@ -71,6 +71,29 @@ def test_bfloat16_within_rounding(path):
     torch.testing.assert_close(out, dense, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3-fused", "opt-plain", "gpt2-conv1d", "neox-relu2"])
+def test_bfloat16_prefill_in_float32(arch, monkeypatch):
+    """Where bf16 products are slow (CPUs without AVX512-BF16/AMX), many-token calls of a bf16 sparse FFN run as
+    float32 products of the stored weights: once per FFN, within bf16 rounding of the float32 computation of the
+    same weights (the dense bf16 model is no closer)."""
+    monkeypatch.setattr(sp, "_bf16_products_slow", lambda: True)
+    calls = []
+    product = sp._rows_product
+    monkeypatch.setattr(sp, "_rows_product", lambda *a: calls.append(1) or product(*a))
+    torch.manual_seed(0)
+    model = RELU_ARCHS[arch]().eval().to(torch.bfloat16)
+    reference = RELU_ARCHS[arch]().eval()
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ids = torch.randint(3, 97, (1, 12))
+    with torch.no_grad():
+        exact = reference(input_ids=ids).logits
+        dense_error = (model(input_ids=ids).logits.float() - exact).abs().max()
+        sparsify(model, max_tokens=4, max_density=1.0)
+        error = (model(input_ids=ids).logits.float() - exact).abs().max()
+    assert len(calls) == 2, "one float32 product per FFN (2 layers)"
+    assert error <= max(dense_error, 4 * 2**-8 * exact.abs().max()), (error, dense_error)
+
+
 def test_single_module_and_density_fallback(path):
     torch.manual_seed(0)
     mlp = RELU_ARCHS["llama"]().model.layers[0].mlp

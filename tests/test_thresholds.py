@@ -200,7 +200,7 @@ def test_block_allocation_meets_the_target_in_every_block_and_groups_shared_inpu
         assert th.values[f"{block}.mlp.gate_proj"] == th.values[f"{block}.mlp.up_proj"]
 
 
-def test_bfloat16_prefill_runs_the_loop_in_chunks_and_matches_the_masked_product():
+def test_bfloat16_prefill_matches_the_masked_product():
     from hf_stochact.inference.sparse import SparseConfig
 
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def test_bfloat16_prefill_runs_the_loop_in_chunks_and_matches_the_masked_product
     sparsify(parent, thresholds={"values": {"0": 0.5}})
     wrapper = parent[0]
     assert isinstance(wrapper, ThresholdedLinear) and wrapper.config == SparseConfig()
-    x = torch.randn(2, 37, 64).to(torch.bfloat16)  # 74 tokens: more than max_tokens, in chunks of 16
+    x = torch.randn(2, 37, 64).to(torch.bfloat16)  # 74 tokens: more than max_tokens
     with torch.no_grad():
         y = parent(x)
     expected = torch.nn.functional.linear(magnitude_mask(x, 0.5).float(), *reference)

@@ -28,6 +28,7 @@ How a model is converted (FFNs found through :func:`hf_stochact.layouts.find_mlp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Any
 
@@ -87,6 +88,26 @@ class _CallCounter:
             self.counts[key] += 1
 
 
+@functools.cache
+def _bf16_products_slow() -> bool:
+    """Whether torch's CPU bfloat16 matrix products lack native support here (no AVX512-BF16/AMX: oneDNN declines
+    and a scalar fallback runs). Measured on such a CPU (AVX2), 1 thread, 128 x 1536 -> 576: bf16 product 31 ms in
+    the original layout and 156 ms with the rows-layout view, float32 product of the upcast operands 3.4 ms."""
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _prefill_in_float32(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
+    """Route a many-token call through float32 products: bfloat16 weights where bf16 products are slow."""
+    return x.dtype == torch.bfloat16 and weights[0].dtype == torch.bfloat16 and loop_readable(*weights) \
+        and _bf16_products_slow()
+
+
+def _rows_product(x2d: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2d @ w_t + bias`` in float32 (``w_t``: a rows-layout weight [d_in, d_out]), returned in ``x2d``'s dtype."""
+    y = x2d.float() @ w_t.float()
+    return (y if bias is None else y + bias.float()).to(x2d.dtype)
+
+
 def _needs_grad(module: nn.Module, x: torch.Tensor) -> bool:
     """The loops have no backward: while autograd records (training), stay on the dense path."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
@@ -113,9 +134,12 @@ class _Wrapper(nn.Module):
         self.original.training = mode
         return self
 
-    def dense(self, *args: Any) -> Any:
+    def count(self, kind: str) -> None:
         if not torch.compiler.is_compiling():
-            self.counter.add("dense")
+            self.counter.add(kind)
+
+    def dense(self, *args: Any) -> Any:
+        self.count("dense")
         return type(self.original).forward(self.original, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,14 +170,21 @@ class SparseMLP(_Wrapper):
         activation = modules[layout.activation]
         act = relu_kind(activation)  # read every call: an activation changed after sparsify -> dense
         shape = x.shape
-        if act is None or scope.draw_for(activation) is not None or x.numel() > self.config.max_tokens * shape[-1] \
-                or not x.is_cpu or _needs_grad(self, x):
+        if act is None or scope.draw_for(activation) is not None or not x.is_cpu or _needs_grad(self, x):
             return self.dense(x)
+        many = x.numel() > self.config.max_tokens * shape[-1]
         w_gate, b_gate, w_up, b_up = self.mlp.gate_up()
         down = modules[layout.down]
         w_down_t, b_down = down_rows(down), param(down, "bias")
-        if not (loop_readable(w_gate, b_gate, w_up, b_up, w_down_t, b_down) and w_gate.is_contiguous()
-                and w_up.is_contiguous() and w_down_t.is_contiguous()):
+        if many and _prefill_in_float32(x, (w_gate, w_up, w_down_t)):
+            x32 = x.reshape(-1, shape[-1]).float()
+            g = nn.functional.linear(x32, w_gate.float(), None if b_gate is None else b_gate.float()).relu()
+            h = (g * g if act == 1 else g) * nn.functional.linear(x32, w_up.float(),
+                                                                   None if b_up is None else b_up.float())
+            self.count("dense")
+            return _rows_product(h, w_down_t, b_down).to(x.dtype).reshape(*shape[:-1], w_down_t.shape[1])
+        if many or not (loop_readable(w_gate, b_gate, w_up, b_up, w_down_t, b_down) and w_gate.is_contiguous()
+                        and w_up.is_contiguous() and w_down_t.is_contiguous()):
             return self.dense(x)
         args = (x.reshape(-1, shape[-1]), w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, self.config.max_density)
         if torch.compiler.is_compiling():
@@ -178,10 +209,14 @@ class SparseDownProjection(_Wrapper):
 
     def sparse_or_dense(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
-        if relu_kind(self.mlp.activation) is None or h.numel() > self.config.max_tokens * shape[-1] \
-                or h.device.type != "cpu" or _needs_grad(self, h):
+        if relu_kind(self.mlp.activation) is None or h.device.type != "cpu" or _needs_grad(self, h):
             return self.dense(h)
         w_t = down_rows(self.original)
+        if h.numel() > self.config.max_tokens * shape[-1]:
+            if not _prefill_in_float32(h, (w_t,)):
+                return self.dense(h)
+            self.count("dense")
+            return _rows_product(h.reshape(-1, shape[-1]), w_t, self.original.bias).reshape(*shape[:-1], -1)
         if not (loop_readable(w_t, self.original.bias) and w_t.is_contiguous()):
             return self.dense(h)
         y, k = kernels.sparse_down(h.reshape(-1, shape[-1]), w_t, self.original.bias, self.config.max_density)
@@ -216,13 +251,9 @@ class ThresholdedLinear(_Wrapper):
                     if not torch.compiler.is_compiling():
                         self.counter.add("sparse" if int(k) >= 0 else "dense")
                     return y.reshape(*shape[:-1], y.shape[-1])
-                if w_t.dtype == torch.bfloat16:
-                    # torch's bfloat16 product with the rows-layout (transposed) weight is ~12x slower than with
-                    # the original layout (measured: 28 ms vs 2.2 ms for 19 x 576 x 1536 on this CPU); the loop
-                    # in chunks of MAX_TOKENS tokens reads the weight as stored
-                    step = kernels.MAX_TOKENS
-                    y = torch.cat([kernels.sparse_down(x2d[i:i + step], w_t, bias, 1.0, self.threshold)[0]
-                                   for i in range(0, len(x2d), step)])
+                if _prefill_in_float32(x, (w_t,)):
+                    self.count("dense")
+                    y = _rows_product(magnitude_mask(x2d, self.threshold), w_t, bias)
                     return y.reshape(*shape[:-1], y.shape[-1])
         return self.dense(magnitude_mask(x, self.threshold))
 
