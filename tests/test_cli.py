@@ -174,6 +174,20 @@ def test_frontier_runs_on_a_tiny_model_and_writes_its_table(tmp_path, capsys):
     assert "| thresholds 40% (block) |" in capsys.readouterr().out and out.with_suffix(".png").exists()
 
 
+def test_frontier_with_relu_models_only(tmp_path):
+    save_tiny(tmp_path / "m", act="silu")
+    save_tiny(tmp_path / "relufied", act="relu")
+    out = tmp_path / "frontier"
+    assert main(["frontier", "--model", str(tmp_path / "m"), "--sparsity", "", "--no-relu-swap", "--relu-model",
+                 str(tmp_path / "relufied"), "--rounds", "1", "--new-tokens", "2", "--eval-chars", "2000",
+                 "--eval-window", "32", "--out", str(out)]) == 0
+    rows = __import__("json").loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["dense", "every linear on the rows loop (threshold 0: exact)",
+                                          "relufied, exact", "relufied + attention thresholds 40%"]
+    assert rows[2]["sparse_calls"] > 0 and rows[2]["input_sparsity"] is None
+    assert rows[3]["input_sparsity"] == pytest.approx(0.4, abs=0.05)
+
+
 def test_frontier_rejects_a_bad_allocation(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["frontier", "--model", "x", "--allocation", "teal"])

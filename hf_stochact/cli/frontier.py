@@ -39,8 +39,9 @@ PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n
 class FrontierConfig:
     model: str = option("", "model folder (config.json, weights, tokenizer); with --gguf, the folder of the file")
     gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
-    sparsity: str = option("0.25,0.4,0.5", "model-wide input sparsities to calibrate, comma-separated",
-                           check=comma_list(fraction_below_one))
+    sparsity: str = option("0.25,0.4,0.5", "model-wide input sparsities to calibrate, comma-separated (empty: no "
+                                           "threshold points, e.g. to measure --relu-model folders only)",
+                           check=lambda v: comma_list(fraction_below_one)(v) if v else None)
     allocation: str = option("block", f"threshold allocations, comma-separated ({', '.join(ALLOCATIONS)})",
                              check=comma_list(one_of(*ALLOCATIONS), str))
     relu_swap: bool = option(True, "add the ReLU-swap points (the FFN activation replaced by ReLU, no training)")
@@ -127,7 +128,7 @@ def run(cfg: FrontierConfig) -> dict:
     zero = calibrate_thresholds(model, calib, 0.0, allocation="uniform", max_tokens=256, save=False)
     point("every linear on the rows loop (threshold 0: exact)", model, zero)
     for allocation in cfg.allocation.split(","):
-        for s in (float(v) for v in cfg.sparsity.split(",")):
+        for s in (float(v) for v in filter(None, cfg.sparsity.split(","))):
             t0 = time.perf_counter()
             th = calibrate_thresholds(model, calib, s, allocation=allocation, max_tokens=256, save=False)
             print(f"calibration {allocation} {s}: {time.perf_counter() - t0:.0f} s", flush=True)
