@@ -78,7 +78,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def plot(summary: dict, runs: list[dict], path: Path) -> None:
     """Held-out loss per recipe (mean ± std over seeds, every seed as a dot), one panel per model size."""
-    fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(summary), figsize=(max(7.0, 5.5 * len(summary)), 4.4), squeeze=False)
     for ax, (size, recipes) in zip(axes[0], summary.items()):
         names = list(recipes)
         for i, name in enumerate(names):
@@ -89,7 +89,7 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
         ax.set_ylabel("held-out loss (nats/token), final activation")
         ax.set_title(f"{size}\n{recipes[names[0]]['tokens'] / 1e6:.1f}M training tokens", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Pre-training recipes on CPython stdlib: mean ± std over seeds (dots: single seeds)", fontsize=10)
+    fig.suptitle("Pre-training on CPython stdlib: held-out loss, mean ± std over seeds (dots: seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

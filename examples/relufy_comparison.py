@@ -39,17 +39,22 @@ def main() -> None:
         cfg = report["config"]
         runs.append({"folder": folder, "recipe": recipe(cfg), "seed": cfg["seed"], "steps": cfg["steps"],
                      "tokens": report["tokens"], "ppl_before": report["ppl_before"], "ppl": report["ppl_after"],
-                     "sparsity": report["sparsity"], "minutes": report["seconds"] / 60, "command": report["command"],
-                     "loss_curve": report["loss_curve"]})
+                     "sparsity": report["sparsity"],
+                     "stocha_fraction": cfg["stocha_fraction"], "minutes": report["seconds"] / 60,
+                     "command": report["command"], "loss_curve": report["loss_curve"]})
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
 
+    base_steps = runs[0]["steps"]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     names = sorted({r["recipe"] for r in runs})
     for r in runs:
         steps, losses = zip(*r["loss_curve"])
         ax.plot(steps, losses, color=f"C{names.index(r['recipe'])}", lw=1.2, ls="-" if r["seed"] == 0 else "--",
                 label=f"{r['recipe']}, seed {r['seed']}: ppl {r['ppl']:.2f}")
+    for fraction in sorted({r["stocha_fraction"] for r in runs} - {0}):
+        ax.axvline(fraction * base_steps, color="grey", ls=":", lw=1)
+        ax.annotate(f" StochA → ReLU ({fraction:.0%})", (fraction * base_steps, 5.8), fontsize=8, color="grey")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_ylim(top=min(6, ax.get_ylim()[1]))
