@@ -86,8 +86,9 @@ def main() -> None:
                      f"{statistics.fmean(r['sparsity'] for r in rs):.1%} |")
     lines += ["", f"![training loss]({out.name}.png)", "", "Reproduce:", "", "```bash"]
     lines += [r["command"] for r in sorted(runs, key=lambda r: (r["recipe"], r["seed"]))]
-    lines += [f"python examples/relufy_comparison.py {' '.join(r['folder'] for r in runs)} --out {args.out}", "```",
-              ""]
+    reading = f" --reading {args.reading}" if args.reading else ""
+    lines += [f"python examples/relufy_comparison.py {' '.join(r['folder'] for r in runs)} --out {args.out}{reading}",
+              "```", ""]
     if args.reading and Path(args.reading).exists():
         lines += [Path(args.reading).read_text().rstrip(), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
