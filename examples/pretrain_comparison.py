@@ -44,7 +44,8 @@ RECIPES = {  # name: (activation the model is built with, P(SiLU) or None, sched
 
 
 def size_label(run: dict) -> str:
-    return f"{run['params'] / 1e6:.1f}M ({run['layers']}x{run['hidden_size']}, FFN {run['intermediate_size']})"
+    return f"{run['params'] / 1e6:.1f}M ({run['layers']}x{run['hidden_size']}, FFN {run['intermediate_size']}), " \
+           f"lr {run['lr']:g}"
 
 
 def load_runs(path: Path) -> list[dict]:
@@ -108,7 +109,7 @@ def report(args, runs_path: Path, out: Path) -> None:
         f"Llama models trained from scratch on CPython stdlib source (split by file; the same tokenizer (BPE, vocab "
         f"{first['vocab_size']}), training blocks and held-out blocks for every run: {first['eval_blocks']} blocks of "
         f"{first['block_size']} tokens from held-out files, argparse.py first). Batch {first['batch_size']}x"
-        f"{first['block_size']} tokens, AdamW lr {first['lr']} cosine with 5% warm-up; ReLU phase = last "
+        f"{first['block_size']} tokens, AdamW cosine with 5% warm-up (peak lr per section); ReLU phase = last "
         f"{first['relu_fraction']:.0%} of steps for Swi+FT and StochA+FT. A run's seed sets its initial weights, batch "
         "order and StochA draws; the same seed gives every recipe the same initial weights and batches, so "
         "differences to ReLU are also given per seed (paired). CPU, 1 thread per run.",
@@ -137,7 +138,7 @@ def report(args, runs_path: Path, out: Path) -> None:
         lines.append(f"python examples/pretrain_comparison.py --steps {s['steps']} --seeds "
                      f"{' '.join(map(str, sorted({x['seed'] for x in runs if size_label(x) == size})))} "
                      f"--hidden-size {r['hidden_size']} --intermediate-size {r['intermediate_size']} "
-                     f"--layers {r['layers']}")
+                     f"--layers {r['layers']} --lr {r['lr']:g}")
     lines += ["python examples/pretrain_comparison.py --report", "```", ""]
     if args.reading and Path(args.reading).exists():
         lines += [Path(args.reading).read_text().rstrip(), ""]
@@ -152,6 +153,7 @@ def main() -> None:
     ap.add_argument("--hidden-size", type=int, default=128)
     ap.add_argument("--intermediate-size", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine)")
     ap.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks of 128 tokens")
     ap.add_argument("--relu-fraction", type=float, default=0.1)
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
@@ -168,14 +170,15 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     cfg = DemoConfig(steps=args.steps, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                     layers=args.layers, eval_blocks=args.eval_blocks, output_dir="runs/pretrain_comparison")
+                     layers=args.layers, lr=args.lr, eval_blocks=args.eval_blocks,
+                     output_dir="runs/pretrain_comparison")
     set_seed(0)
     tokenizer, train, held = build_corpus(cfg)  # seed 0: one corpus, tokenizer and split for every run
-    done = {(r["recipe"], r["seed"], r["hidden_size"], r["intermediate_size"], r["layers"], r["steps"])
+    done = {(r["recipe"], r["seed"], r["hidden_size"], r["intermediate_size"], r["layers"], r["steps"], r["lr"])
             for r in load_runs(runs_path)}
     for seed in args.seeds:
         for name in args.recipes:
-            key = (name, seed, cfg.hidden_size, cfg.intermediate_size, cfg.layers, cfg.steps)
+            key = (name, seed, cfg.hidden_size, cfg.intermediate_size, cfg.layers, cfg.steps, cfg.lr)
             if key in done:
                 continue
             activation, p, make_schedule = RECIPES[name]
