@@ -132,13 +132,16 @@ def report(args, runs_path: Path, out: Path) -> None:
         lines.append("")
     lines += ["![held-out loss per recipe](pretraining.png)", "", "Reproduce (appends to docs/pretraining_runs.jsonl, "
               "skips runs already there):", "", "```bash"]
-    for size in summary:
-        s = next(iter(summary[size].values()))
+    for size, recipes in summary.items():
         r = next(r for r in runs if size_label(r) == size)
-        lines.append(f"python examples/pretrain_comparison.py --steps {s['steps']} --seeds "
-                     f"{' '.join(map(str, sorted({x['seed'] for x in runs if size_label(x) == size})))} "
-                     f"--hidden-size {r['hidden_size']} --intermediate-size {r['intermediate_size']} "
-                     f"--layers {r['layers']} --lr {r['lr']:g}")
+        by_seeds: dict[tuple, list[str]] = {}  # one command per set of seeds (recipes run with the same seeds)
+        for name, s in recipes.items():
+            by_seeds.setdefault(tuple(s["seeds"]), []).append(name)
+        for seeds, names in by_seeds.items():
+            chosen = "" if len(names) == len(RECIPES) else " --recipes " + " ".join(f"'{n}'" for n in names)
+            lines.append(f"python examples/pretrain_comparison.py --steps {r['steps']} --seeds "
+                         f"{' '.join(map(str, seeds))} --hidden-size {r['hidden_size']} --intermediate-size "
+                         f"{r['intermediate_size']} --layers {r['layers']} --lr {r['lr']:g}{chosen}")
     lines += ["python examples/pretrain_comparison.py --report", "```", ""]
     if args.reading and Path(args.reading).exists():
         lines += [Path(args.reading).read_text().rstrip(), ""]
