@@ -38,7 +38,7 @@ from torch import nn
 from .. import kernels
 from ..activations import scope
 from ..kernels import loop_readable
-from ..kernels.reference import magnitude_mask
+from ..kernels.reference import magnitude_mask, relu_activation
 from ..layouts import MLP, PROJECTION_TYPES, down_rows, find_mlps, param, relu_kind
 from .thresholds import Thresholds
 
@@ -179,9 +179,9 @@ class SparseMLP(_Wrapper):
         w_down_t, b_down = down_rows(down), param(down, "bias")
         if many and _prefill_in_float32(x, (w_gate, w_up, w_down_t)):
             x32 = x.reshape(-1, shape[-1]).float()
-            g = nn.functional.linear(x32, w_gate.float(), None if b_gate is None else b_gate.float()).relu()
-            h = (g * g if act == 1 else g) * nn.functional.linear(x32, w_up.float(),
-                                                                   None if b_up is None else b_up.float())
+            g = nn.functional.linear(x32, w_gate.float(), None if b_gate is None else b_gate.float())
+            u = nn.functional.linear(x32, w_up.float(), None if b_up is None else b_up.float())
+            h = relu_activation(g, act) * u
             self.count("dense")
             return _rows_product(h, w_down_t, b_down).to(x.dtype).reshape(*shape[:-1], w_down_t.shape[1])
         if many or not (loop_readable(w_gate, b_gate, w_up, b_up, w_down_t, b_down) and w_gate.is_contiguous()

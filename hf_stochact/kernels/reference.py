@@ -140,14 +140,15 @@ class SiluReluDraw(torch.autograd.Function):
 # Sparse FFN of a decode step (the operators' default implementation on any device; exact like the C loops)
 
 
-def _activation(g: torch.Tensor, act: int) -> torch.Tensor:
+def relu_activation(g: torch.Tensor, act: int) -> torch.Tensor:
+    """ReLU (``act=0``) or ReLU² (``act=1``) of a gate pre-activation, as the sparse operators number them."""
     g = torch.relu(g)
     return g * g if act == 1 else g
 
 
 def sparse_gated_mlp(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act: int, max_density: float):
     """(y, k): y = W_down (act(W_gate x + b) * (W_up x + b)) + b reading only active rows; k = -1 if dense."""
-    g = _activation(F.linear(x, w_gate, b_gate), act)
+    g = relu_activation(F.linear(x, w_gate, b_gate), act)
     idx = (g != 0).any(0).nonzero().squeeze(1)
     if idx.numel() > max_density * g.shape[1]:
         y = F.linear(g * F.linear(x, w_up, b_up), w_down_t.t(), b_down)
