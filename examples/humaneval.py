@@ -23,6 +23,7 @@ and plot from the file.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import json
 import sys
@@ -101,7 +102,8 @@ def evaluate(args) -> None:
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     done = done_pairs(results)
-    todo = [(i, name) for i in range(len(problems)) for name in configs if (name, problems[i]["task_id"]) not in done]
+    todo = [(i, name) for i in range(len(problems)) for name in configs
+            if (name, problems[i]["task_id"]) not in done and i % args.shard[1] == args.shard[0]]
     print(f"{len(done)} (configuration, problem) pairs already in {results}; {len(todo)} to run", flush=True)
     limits = codegen.Limits(timeout_s=args.timeout)
     with results.open("a") as out:
@@ -120,8 +122,12 @@ def evaluate(args) -> None:
             record = {"config": name, "task_id": problem["task_id"], "n": n, "completions": completions,
                       "passed": [r.passed for r in runs], "status": [r.status for r in runs],
                       "generate_s": round(seconds, 2)}
-            out.write(json.dumps(record) + "\n")
-            out.flush()
+            fcntl.flock(out, fcntl.LOCK_EX)  # shards append to one file: one whole line at a time
+            try:
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+            finally:
+                fcntl.flock(out, fcntl.LOCK_UN)
 
 
 def summarise(path: Path, samples: int) -> tuple[dict, list[str]]:
@@ -215,6 +221,17 @@ def report(args) -> None:
     print("\n".join(lines))
 
 
+def shard(text: str) -> tuple[int, int]:
+    """``K/N``: this process runs the problems whose index is K modulo N (0 <= K < N)."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 0/2, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"expected 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model folder (with --gguf: the folder of the GGUF file)")
@@ -227,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ps", type=float, nargs="+", default=[0.9, 0.8], help="stochastic_p values (StochA)")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds per test run before the group is killed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for generation")
+    ap.add_argument("--shard", type=shard, default=(0, 1),
+                    help="K/N: run only problems with index K mod N, so N processes (e.g. one thread each) share "
+                         "the work and append to the same --results file (default 0/1: all)")
     ap.add_argument("--results", default="docs/humaneval.jsonl", help="JSONL of finished (problem, config) pairs")
     ap.add_argument("--out", default="docs/humaneval", help="report path without suffix (.md, .png)")
     ap.add_argument("--report", action="store_true", help="only rebuild the report from --results")
