@@ -39,6 +39,10 @@ def test_bench_microbenchmark_runs_and_checks_exactness(capsys, tmp_path):
     assert {r[3].strip() for r in rows} == {"0.50", "0.90"}  # the requested sparsity is the one measured
     assert all(float(r[10]) < (1e-5 if r[2].strip() == "float32" else 2e-2) for r in rows)
     assert all(float(r[5]) > 0 and float(r[7]) > 0 for r in rows), "achieved bandwidth of both sides"
+    for r in rows:  # ideal = the ratio of weight bytes read at the measured sparsity (shown to 2 decimals)
+        s_ = float(r[3])
+        assert float(r[9].strip().rstrip("x")) == pytest.approx(1 / (1 / 3 + 2 / 3 * (1 - s_)), abs=0.03)
+    assert "a speedup above it means the dense baseline streams slower" in text, "ratios above the ideal explained"
 
 
 def test_relufy_requires_a_model(capsys):

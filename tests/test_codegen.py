@@ -91,6 +91,13 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_problems():
     assert hi2 - lo2 < (hi - lo) / 4 and lo2 < 0.3 < hi2
     diff = codegen.bootstrap_ci([1.0, 1.0, 0.0, 1.0], paired_with=[1.0, 1.0, 0.0, 1.0])
     assert diff == (0.0, 0.0, 0.0)
+    better = rng.random(200) < 0.6
+    worse = better & (rng.random(200) < 0.5)  # same problems: worse solves a subset of what better solves
+    d, dlo, dhi = codegen.bootstrap_ci(better, paired_with=worse)
+    assert d == pytest.approx(better.mean() - worse.mean()) and 0 < dlo < d < dhi, "values - paired_with"
+    assert codegen.bootstrap_ci(worse, paired_with=better)[0] == pytest.approx(-d)
+    _, ulo, uhi = codegen.bootstrap_ci(better.astype(float) - rng.permutation(worse))
+    assert dhi - dlo < uhi - ulo, "pairing removes the shared per-problem variance"
     with pytest.raises(ValueError, match="paired_with"):
         codegen.bootstrap_ci([1.0], paired_with=[1.0, 0.0])
 

@@ -79,6 +79,41 @@ def test_silu_model_draws_silu_with_probability_p_else_relu_on_every_element(p):
     assert binomial_ok(int(silu.sum()), x.numel(), p)
 
 
+@pytest.mark.parametrize("call_p", [None, 0.85])
+def test_stochastic_model_samples_its_spec_at_the_call_p_or_its_own(call_p):
+    """A stochastic module (own p = 0.2, the paper's variant) draws SiLU on negatives with the call's p when one is
+    given, else with its own; x >= 0 passes as x."""
+    model = tiny_llama("stochastic").eval()
+    hf_stochact.configure(model, p=0.2)
+    x, y = draw_of(model, call_p)
+    assert torch.equal(y[x >= 0], x[x >= 0])
+    x, y = x[x < -1e-3], y[x < -1e-3]  # where SiLU and ReLU differ
+    silu = torch.isclose(y, F.silu(x), atol=1e-6, rtol=1e-5)
+    relu = torch.isclose(y, torch.relu(x), atol=1e-6, rtol=1e-5)
+    assert bool((silu | relu).all())
+    assert binomial_ok(int(silu.sum()), x.numel(), 0.2 if call_p is None else call_p)
+    assert ffn_activations(model)[0][3].p == 0.2, "the call leaves the module's own p alone"
+
+
+def test_k_way_stochastic_model_samples_its_choices():
+    model = tiny_llama("stochastic").eval()
+    hf_stochact.configure(model, choices={"relu": 0.5, "silu": 0.3, "gelu": 0.2})
+    x, y = draw_of(model, None)
+    assert torch.equal(y[x >= 0], x[x >= 0]), "the paper's variant draws on x < 0 only"
+    keep = x < -0.05  # where the three branches are told apart
+    x, y = x[keep], y[keep]
+    hits = {name: torch.isclose(y, fn(x), atol=1e-6, rtol=1e-5)
+            for name, fn in (("relu", torch.relu), ("silu", F.silu), ("gelu", F.gelu))}
+    assert bool(torch.stack(list(hits.values())).any(0).all()), "every element is one of the three branches"
+    n = x.numel()
+    only = {k: v & ~torch.stack([w for j, w in hits.items() if j != k]).any(0) for k, v in hits.items()}
+    # among elements where exactly one branch matches, each branch's share follows its probability
+    m = sum(int(v.sum()) for v in only.values())
+    assert m > n // 2
+    for name, q in (("relu", 0.5), ("silu", 0.3), ("gelu", 0.2)):
+        assert binomial_ok(int(only[name].sum()), m, q), name
+
+
 def test_other_stock_activation_keeps_its_own_output_with_probability_p():
     torch.manual_seed(0)
     model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=4, n_positions=64)).eval()
