@@ -44,3 +44,50 @@ def eager_and_compiled_steps(model, ids, seed=11):
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     return results
+
+
+def write_tiny_llama_gguf(path, vocab=64, d=32, d_ff=64, layers=2, heads=4, kv=2, seed=0):
+    """A real (float32) llama GGUF file with a byte-level BPE vocabulary; returns the token embedding written."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(d_ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(d // heads)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(["<s>", "</s>"] + [chr(97 + i % 26) * (1 + i // 26) for i in range(vocab - 2)])
+    w.add_token_types([3, 3] + [1] * (vocab - 2))
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+    def t(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    embedding = t(vocab, d)
+    ones = np.ones(d, np.float32)
+    w.add_tensor("token_embd.weight", embedding)
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", t(vocab, d))
+    for i in range(layers):
+        for name, array in (("attn_norm", ones), ("ffn_norm", ones), ("attn_q", t(d, d)),
+                            ("attn_k", t(kv * d // heads, d)), ("attn_v", t(kv * d // heads, d)),
+                            ("attn_output", t(d, d)), ("ffn_gate", t(d_ff, d)), ("ffn_up", t(d_ff, d)),
+                            ("ffn_down", t(d, d_ff))):
+            w.add_tensor(f"blk.{i}.{name}.weight", array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return torch.from_numpy(embedding)

@@ -136,6 +136,26 @@ def test_model_paths_are_checked_with_clear_messages(tmp_path, capsys):
     assert exit_.value.code == 2 and "--gguf: " in capsys.readouterr().err
 
 
+def test_gguf_file_alone_loads_a_float32_model_and_generates(tmp_path, capsys):
+    import torch
+    from helpers import write_tiny_llama_gguf
+
+    from hf_stochact.cli.loading import load_causal_lm
+
+    path = tmp_path / "weights" / "tiny.gguf"
+    path.parent.mkdir()
+    embedding = write_tiny_llama_gguf(path)
+    tok, lm = load_causal_lm("", str(path))  # no --model: the file's folder
+    assert torch.equal(lm.get_input_embeddings().weight, embedding), "the file's weights, as written"
+    assert all(p.dtype == torch.float32 for p in lm.parameters())
+    assert not lm.is_quantized and lm.hf_quantizer is None, "quantizer marker cleared (Trainer would refuse it)"
+    assert tok("ab").input_ids
+    assert main(["generate", "--gguf", str(path), "--prompt", "abc", "--k", "2", "--max-new-tokens", "3",
+                 "--no-chat"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 completions") and "--- [1] ---" in out and out.count("abc") == 2
+
+
 def test_generate_uses_the_chat_template_when_the_tokenizer_has_one(tmp_path, capsys):
     from transformers import AutoTokenizer
 
