@@ -101,6 +101,11 @@ def evaluate(args) -> None:
     model.eval()
     problems = [json.loads(line) for line in gzip.open(args.data, "rt")][: args.problems]
     configs = configurations(args.temperature, args.ps)
+    if args.configs:
+        unknown = sorted(set(args.configs) - set(configs))
+        if unknown:
+            raise SystemExit(f"--configs: unknown {unknown}; allowed: {list(configs)}")
+        configs = {name: gen for name, gen in configs.items() if name in args.configs}
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     done = done_pairs(results)
@@ -132,7 +137,7 @@ def evaluate(args) -> None:
                 fcntl.flock(out, fcntl.LOCK_UN)
 
 
-def summarise(path: Path, samples: int) -> tuple[dict, list[str]]:
+def summarise(path: Path, samples: int, reference: str = REFERENCE) -> tuple[dict, list[str]]:
     """Per configuration: metrics over the problems every configuration has finished, with bootstrap CIs."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
     by_config: dict[str, dict[str, dict]] = {}
@@ -157,12 +162,14 @@ def summarise(path: Path, samples: int) -> tuple[dict, list[str]]:
         summary[name] = {k: codegen.bootstrap_ci(v) for k, v in metrics.items()}
         summary[name]["correct"] = (sum(sum(r["passed"]) for r in rows), sum(r["n"] for r in rows))
         summary[name]["generate_s"] = sum(r["generate_s"] for r in rows)
-    if REFERENCE in per_problem:
-        ref = per_problem[REFERENCE]
-        for name, metrics in per_problem.items():
-            if name != REFERENCE:
-                summary[name]["diff"] = {k: codegen.bootstrap_ci(v, paired_with=ref[k]) for k, v in metrics.items()
-                                         if k in ref and k.startswith("pass@")}
+    if reference not in per_problem:  # e.g. a run of a subset of the configurations: the first one run
+        reference = next(iter(per_problem))
+    summary[reference]["reference"] = True
+    ref = per_problem[reference]
+    for name, metrics in per_problem.items():
+        if name != reference:
+            summary[name]["diff"] = {k: codegen.bootstrap_ci(v, paired_with=ref[k]) for k, v in metrics.items()
+                                     if k in ref and k.startswith("pass@")}
     return summary, common
 
 
@@ -181,7 +188,7 @@ def report(args) -> None:
     k = args.samples
     cols = ["pass@1", f"pass@{k}", "distinct-2", "unique programs", "edit distance"]
     lines = ["# Stochastic decoding on HumanEval: quality vs diversity", "",
-             f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), **{len(common)} of 164** HumanEval problems "
+             f"{args.label}, **{len(common)} of 164** HumanEval problems "
              f"finished by every configuration; chat-template instruction, first code block of the reply, up to "
              f"{args.max_new_tokens} new tokens; {k} samples per problem per configuration, batched in one "
              "`generate` call (greedy: 1); tests run sandboxed (`hf_stochact.analysis.codegen.run_sandboxed`: own "
@@ -191,7 +198,8 @@ def report(args) -> None:
     for name, s in summary.items():
         c, n = s["correct"]
         lines.append(f"| {name} | {c} / {n} | " + " | ".join(fmt(s[c_]) if c_ in s else "" for c_ in cols) + " |")
-    lines += ["", f"Paired differences against **{REFERENCE}** (same problems; an interval that excludes 0 is a "
+    reference = next(name for name, s in summary.items() if s.get("reference"))
+    lines += ["", f"Paired differences against **{reference}** (same problems; an interval that excludes 0 is a "
               "difference beyond the noise of this problem set):", "",
               f"| decoding | Δ pass@1 | Δ pass@{k} |", "|---|---|---|"]
     for name, s in summary.items():
@@ -208,7 +216,8 @@ def report(args) -> None:
                     fmt="o", capsize=3, label=name)
     ax.set_xlabel(f"mean pairwise edit distance of the {k} programs (diversity)")
     ax.set_ylabel("pass@1 (quality)")
-    ax.set_title(f"HumanEval ({len(common)} problems), SmolLM2-135M-Instruct; 95% bootstrap intervals")
+    ax.set_title(f"HumanEval ({len(common)} problems), {args.label.split(' (')[0]}; 95% bootstrap intervals",
+                 fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(args.out)
@@ -244,6 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=192, help="generation budget per sample")
     ap.add_argument("--temperature", type=float, default=0.6, help="temperature of the sampled configurations")
     ap.add_argument("--ps", type=float, nargs="+", default=[0.9, 0.8], help="stochastic_p values (StochA)")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="run only these configurations, by name (default: all five), e.g. 'greedy' "
+                         "'StochA p=0.9, greedy'")
+    ap.add_argument("--label", default="SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)",
+                    help="the model as named in the report")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds per test run before the group is killed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for generation")
     ap.add_argument("--shard", type=shard, default=(0, 1),
