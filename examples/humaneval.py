@@ -101,10 +101,7 @@ def evaluate(args) -> None:
     model.eval()
     problems = [json.loads(line) for line in gzip.open(args.data, "rt")][: args.problems]
     configs = configurations(args.temperature, args.ps)
-    if args.configs:
-        unknown = sorted(set(args.configs) - set(configs))
-        if unknown:
-            raise SystemExit(f"--configs: unknown {unknown}; allowed: {list(configs)}")
+    if args.configs:  # names checked in main(), before the model loads
         configs = {name: gen for name, gen in configs.items() if name in args.configs}
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         missing = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if not value]
         if missing:
             ap.error(f"{' and '.join(missing)} required unless --report")
+        allowed = list(configurations(args.temperature, args.ps))
+        unknown = sorted(set(args.configs or ()) - set(allowed))
+        if unknown:
+            ap.error(f"--configs: unknown {unknown}; allowed: {allowed}")
         evaluate(args)
     if Path(args.results).exists():
         report(args)
