@@ -28,8 +28,10 @@ stochastic call. A model built before the import gets it at its first stochastic
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 
@@ -98,14 +100,19 @@ def _stock_draw(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch
     if draw is None:
         return None
     kind, p = draw
-    x = inputs[0]
-    seed = kernels.new_seed(x.device)
+    return scope.draw_seeded(lambda seed, x, out: _stock_output(kind, p, seed, x, out), inputs[0], output)
+
+
+def _stock_output(kind: str, p: float, seed: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     if kind == STOCHA:
         return kernels.silu_relu_draw(x, seed, p, negative_only=True)
     if kind == SILU_OR_RELU:
         return kernels.silu_relu_draw(x, seed, p, negative_only=False)
     keep = kernels.bernoulli(seed, tuple(x.shape), kernels.threshold(p), x.device)
     return torch.where(keep, output, torch.relu(x))
+
+
+_stock_draw._hf_stochact_internal = True  # sparsify: not a user hook (does not force the dense path)
 
 
 def attach_module(module: nn.Module) -> bool:
@@ -126,11 +133,23 @@ def attach(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # A call's draws
 
-_SPECS: dict[StochasticSpec, StochasticSpec] = {}  # one object per distinct spec: stable Dynamo guards
+#: One object per distinct spec (stable Dynamo guards), for the most recently used specs only: a caller sweeping
+#: ``stochastic_p`` over many values must not grow memory (or a compiled model's guards) without bound.
+_SPECS: collections.OrderedDict[StochasticSpec, StochasticSpec] = collections.OrderedDict()
+_SPECS_MAX = 64
+_SPECS_LOCK = threading.Lock()
 
 
 def _intern(spec: StochasticSpec) -> StochasticSpec:
-    return _SPECS.setdefault(spec, spec)
+    with _SPECS_LOCK:
+        found = _SPECS.get(spec)
+        if found is not None:
+            _SPECS.move_to_end(spec)
+            return found
+        _SPECS[spec] = spec
+        if len(_SPECS) > _SPECS_MAX:
+            _SPECS.popitem(last=False)
+        return spec
 
 
 def plan(model: nn.Module, p: float | None = None) -> dict[int, object]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -87,6 +88,43 @@ class _CallCounter:
         with self._lock:
             self.counts[key] += 1
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle / torch.save: a lock is not copyable
+        with self._lock:
+            return {"counts": dict(self.counts)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._lock = threading.Lock()
+        self.counts = dict(state["counts"])
+
+
+#: The hook tables a wrapper shares with the module it stands in for: hooks registered on the original (before
+#: sparsify) fire around the wrapper's call, hooks registered on the wrapper stay on the original after unsparsify.
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _internal(hook: Any) -> bool:
+    """hf_stochact's own hooks (the stochastic-decoding draw on stock activations): they do not force the dense
+    path (the sparse path reads the activation's draw itself)."""
+    return getattr(hook, "_hf_stochact_internal", False)
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` has a user forward hook or pre-hook, or a global module hook is registered: a
+    module with hooks must be *called* (the dense path does), never skipped by the loops."""
+    if _global_hooks():
+        return True
+    for m in modules:
+        if m._forward_pre_hooks or (m._forward_hooks and not all(_internal(h) for h in m._forward_hooks.values())):
+            return True
+    return False
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _module
+
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
 
 @functools.cache
 def _bf16_products_slow() -> bool:
@@ -109,6 +147,23 @@ def _rows_product(x2d: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | Non
     return (y if bias is None else y + bias.float()).to(x2d.dtype)
 
 
+def _gated_consistent(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up: torch.Tensor,
+                      b_up: torch.Tensor | None, w_down_t: torch.Tensor, b_down: torch.Tensor | None) -> bool:
+    """The shapes and dtypes the C loops rely on, checked on every call (a child may have been replaced, resized
+    or cast since sparsify): [T, d] x, [d_ff, d] gate and up, [d_ff, d_out] W_downᵀ, matching biases, one weight
+    dtype. A few tuple comparisons: cheap next to the call."""
+    d_ff, d_out = w_down_t.shape
+    shape = (d_ff, x.shape[-1])
+    return (w_gate.shape == shape and w_up.shape == shape and w_gate.dtype == w_up.dtype == w_down_t.dtype
+            and (b_gate is None or b_gate.shape == (d_ff,)) and (b_up is None or b_up.shape == (d_ff,))
+            and (b_down is None or b_down.shape == (d_out,)))
+
+
+def _rows_consistent(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A rows-layout weight [d_in, d_out] that ``x`` [..., d_in] and ``bias`` [d_out] fit."""
+    return x.shape[-1] == w_t.shape[0] and (bias is None or bias.shape == (w_t.shape[1],))
+
+
 def _needs_grad(module: nn.Module, x: torch.Tensor) -> bool:
     """The loops have no backward: while autograd records (training), stay on the dense path."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
@@ -125,6 +180,10 @@ class _Wrapper(nn.Module):
         self._parameters = original._parameters
         self._buffers = original._buffers
         self._non_persistent_buffers_set = original._non_persistent_buffers_set
+        for table in _HOOK_TABLES:
+            if hasattr(original, table):
+                setattr(self, table, getattr(original, table))
+        self._is_full_backward_hook = original._is_full_backward_hook
         object.__setattr__(self, "original", original)
         self.config = config
         self.counter = _CallCounter()
@@ -165,6 +224,12 @@ class SparseMLP(_Wrapper):
         super().__init__(mlp.module, config)
         self.mlp = MLP(mlp.path, self, mlp.layout)  # the same layout, read through the shared children
 
+    @property
+    def children_called(self) -> tuple[nn.Module, ...]:
+        """The children the dense forward calls (their hooks must fire): gate/up (or fused), down, activation."""
+        layout, modules = self.mlp.layout, self._modules
+        return tuple(modules[n] for n in (layout.pre, layout.up, layout.down, layout.activation) if n is not None)
+
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
         # on every decode step of every layer: plain dict lookups, no nn.Module.__getattr__
         layout, modules = self.mlp.layout, self._modules
@@ -173,10 +238,14 @@ class SparseMLP(_Wrapper):
         shape = x.shape
         if act is None or scope.draw_for(activation) is not None or not x.is_cpu or _needs_grad(self, x):
             return self.dense(x)
+        down = modules[layout.down]
+        if _hooked(*self.children_called):  # hooks on gate/up/down/act: run them (dense calls every child)
+            return self.dense(x)
         many = x.numel() > self.config.max_tokens * shape[-1]
         w_gate, b_gate, w_up, b_up = self.mlp.gate_up()
-        down = modules[layout.down]
         w_down_t, b_down = down_rows(down), param(down, "bias")
+        if not _gated_consistent(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down):
+            return self.dense(x)  # a child replaced or resized after sparsify: the loops must not read it
         if many and _prefill_in_float32(x, (w_gate, w_up, w_down_t)):
             x32 = x.reshape(-1, shape[-1]).float()
             g = nn.functional.linear(x32, w_gate.float(), None if b_gate is None else b_gate.float())
@@ -218,7 +287,8 @@ class SparseDownProjection(_Wrapper):
                 return self.dense(h)
             self.count("dense")
             return _rows_product(h.reshape(-1, shape[-1]), w_t, self.original.bias).reshape(*shape[:-1], -1)
-        if not (loop_readable(w_t, self.original.bias) and w_t.is_contiguous()):
+        if not (loop_readable(w_t, self.original.bias) and w_t.is_contiguous() and _rows_consistent(h, w_t,
+                                                                                                  self.original.bias)):
             return self.dense(h)
         y, k = kernels.sparse_down(h.reshape(-1, shape[-1]), w_t, self.original.bias, self.config.max_density)
         if not torch.compiler.is_compiling():
@@ -245,7 +315,7 @@ class ThresholdedLinear(_Wrapper):
         shape = x.shape
         if x.is_cpu and not _needs_grad(self, x):
             w_t, bias = down_rows(self.original), param(self.original, "bias")
-            if loop_readable(w_t, bias, x) and w_t.is_contiguous():
+            if loop_readable(w_t, bias, x) and w_t.is_contiguous() and _rows_consistent(x, w_t, bias):
                 x2d = x.reshape(-1, shape[-1])
                 if len(x2d) <= self.config.max_tokens:
                     y, k = kernels.sparse_down(x2d, w_t, bias, self.config.input_max_density, self.threshold)
@@ -285,7 +355,12 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
     * Every ReLU/ReLU² FFN gets the exact sparse path (its zeros are skipped, outputs unchanged).
     * With ``thresholds`` (from :func:`~hf_stochact.calibrate_thresholds`, or saved in ``model.config`` by it and
       found there when ``thresholds`` is None), the named linear layers get input thresholds
-      (:class:`ThresholdedLinear`): an approximation, TEAL-style, for models without ReLU zeros.
+      (:class:`ThresholdedLinear`): an approximation, TEAL-style, for models without ReLU zeros. Thresholds passed
+      here are also written to ``model.config``, so ``save_pretrained`` saves what runs.
+    * Calling it again on a sparsified model applies the new settings everywhere: the config to every wrapper, the
+      new thresholds to their layers (layers the new thresholds do not name lose theirs).
+    * Hooks keep firing: hooks on the FFN or a thresholded layer fire around its wrapper's call; while a child of a
+      sparse FFN (gate/up/down/activation) has forward hooks, that FFN takes the dense path, which calls them.
 
     Args:
         model: a transformers model, or a single MLP module.
@@ -296,11 +371,16 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
         ValueError: if there is nothing to sparsify (no ReLU FFN and no thresholds; the message lists the FFN
             activations found), a threshold names a module that is not a linear layer, or bad config values.
     """
+    if config is not None and kwargs:
+        raise ValueError(f"sparsify: pass either config or keyword settings ({', '.join(kwargs)}), not both")
     cfg = config or SparseConfig(**kwargs)
+    explicit = thresholds is not None
     if thresholds is None:
         thresholds = Thresholds.from_config(model)
     elif isinstance(thresholds, dict):
         thresholds = Thresholds.from_dict(thresholds)
+    elif not isinstance(thresholds, Thresholds):
+        raise ValueError(f"thresholds must be a Thresholds, its dict or None, got {type(thresholds).__name__}")
     mlps = find_mlps(model, need="down")
     relu = [m for m in mlps if relu_kind(m.activation) is not None]
     if not relu and not (thresholds and thresholds.values):
@@ -309,14 +389,30 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
                          f"activations found: {', '.join(kinds) or 'none'}). Fine-tune to ReLU first, e.g. with "
                          "StochActSchedule or `hf-stochact relufy`, or calibrate input thresholds "
                          "(hf_stochact.calibrate_thresholds) for approximate sparsity without training.")
+    targets = {}
+    for path, t in (thresholds.values.items() if thresholds else ()):  # validate everything before changing anything
+        try:
+            targets[path] = (model.get_submodule(path), t)
+        except AttributeError as error:
+            raise ValueError(f"sparsify: thresholds name {path!r}, which is not a module of "
+                             f"{type(model).__name__}") from error
+        if not isinstance(getattr(targets[path][0], "wrapped", targets[path][0]), PROJECTION_TYPES):
+            raise ValueError(f"sparsify: thresholds name {path!r}, a {type(targets[path][0]).__name__}, not a linear "
+                             "layer (nn.Linear or Conv1D)")
     exact: set[int] = set()
+    hooked: list[str] = []
     for mlp in relu:
         exact.update(id(m) for m in (mlp.pre, mlp.up, mlp.down) if m is not None)
-        if isinstance(mlp.module, SparseMLP) or isinstance(mlp.down, SparseDownProjection):
-            continue  # already sparsified
+        existing = mlp.module if isinstance(mlp.module, SparseMLP) else \
+            mlp.down if isinstance(mlp.down, SparseDownProjection) else None
+        if existing is not None:  # already sparsified: the new settings
+            existing.config = cfg
+            continue
         if mlp.layout.gated:
             wrapper: _Wrapper = SparseMLP(mlp, cfg)
             target = mlp.path
+            if _hooked(*wrapper.children_called):
+                hooked.append(mlp.path or type(mlp.module).__name__)
         else:
             wrapper = SparseDownProjection(mlp, cfg)
             target = f"{mlp.path}.{mlp.layout.down}" if mlp.path else mlp.layout.down
@@ -325,21 +421,25 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
         if not target:
             return wrapper
         _replace(model, target, wrapper)
-    for path, t in (thresholds.values.items() if thresholds else ()):
-        try:
-            layer = model.get_submodule(path)
-        except AttributeError as error:
-            raise ValueError(f"sparsify: thresholds name {path!r}, which is not a module of "
-                             f"{type(model).__name__}") from error
-        if isinstance(layer, ThresholdedLinear) or id(layer) in exact:
-            continue  # already thresholded, or a ReLU FFN's projection (exact zeros there)
-        if not isinstance(layer, PROJECTION_TYPES):
-            raise ValueError(f"sparsify: thresholds name {path!r}, a {type(layer).__name__}, not a linear layer "
-                             "(nn.Linear or Conv1D)")
+    if hooked:
+        warnings.warn(f"sparsify: {len(hooked)} FFN(s) have forward hooks on their projections or activation "
+                      f"(e.g. {hooked[0]}); they take the dense path while the hooks are registered, so the hooks "
+                      "fire as before but those FFNs are not faster", UserWarning, stacklevel=2)
+    for path, wrapper in _wrappers(model):  # thresholded layers the new thresholds no longer name
+        if isinstance(wrapper, ThresholdedLinear) and path not in targets:
+            _unwrap_one(model, path, wrapper)
+    for path, (layer, t) in targets.items():
+        if isinstance(layer, ThresholdedLinear):
+            layer.threshold, layer.config = float(t), cfg
+            continue
+        if id(layer) in exact or id(getattr(layer, "original", None)) in exact:
+            continue  # a ReLU FFN's projection (exact zeros there)
         wrapper = ThresholdedLinear(layer, t, cfg)
         wrapper.relaid = _rows_layout(layer)
         object.__setattr__(wrapper, "relaid_layer", layer)
         _replace(model, path, wrapper)
+    if explicit and thresholds is not None and getattr(model, "config", None) is not None:
+        thresholds.save_to_config(model)
     return model
 
 
@@ -351,15 +451,22 @@ def unsparsify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify`: the original modules back in place, ``W_down`` back in its contiguous layout.
     Returns ``model`` (for a bare wrapper, the original module)."""
     for path, wrapper in _wrappers(model):
-        if wrapper.relaid:  # the Parameter is shared by the wrapper and the original projection
-            weight = wrapper.relaid_layer.weight
-            with torch.no_grad():
-                weight.data = weight.detach().contiguous()
-        wrapper.original.training = wrapper.training
         if not path:
-            return wrapper.original
-        _replace(model, path, wrapper.original)
+            return _unwrap_one(model, path, wrapper)
+        _unwrap_one(model, path, wrapper)
     return model
+
+
+def _unwrap_one(model: nn.Module, path: str, wrapper: _Wrapper) -> nn.Module:
+    """Put the original module of one wrapper back at ``path`` (``""``: return it), in its original layout."""
+    if wrapper.relaid:  # the Parameter is shared by the wrapper and the original projection
+        weight = wrapper.relaid_layer.weight
+        with torch.no_grad():
+            weight.data = weight.detach().contiguous()
+    wrapper.original.training = wrapper.training
+    if path:
+        _replace(model, path, wrapper.original)
+    return wrapper.original
 
 
 def sparse_stats(model: nn.Module) -> dict[str, int]:

@@ -26,8 +26,10 @@ FFNs with exact ReLU zeros keep the exact path (``SparseMLP``): thresholds are n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -69,8 +71,20 @@ class Thresholds:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or math.isinf(t):
                 raise ValueError(f"{CONFIG_FIELD}.values[{path!r}] must be a finite number >= 0, got {t!r}")
             values[path] = float(t)
-        return cls(values, float(d.get("sparsity", 0.0)), str(d.get("allocation", "uniform")),
-                   {k: float(v) for k, v in d.get("layer_sparsity", {}).items()})
+        sparsity = d.get("sparsity", 0.0)
+        if not _fraction(sparsity):
+            raise ValueError(f"{CONFIG_FIELD}.sparsity must be a number in [0, 1], got {sparsity!r}")
+        allocation = d.get("allocation", "uniform")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"{CONFIG_FIELD}.allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        layers = d.get("layer_sparsity", {})
+        if not isinstance(layers, dict):
+            raise ValueError(f"{CONFIG_FIELD}.layer_sparsity must be a mapping (module path -> fraction), got "
+                             f"{type(layers).__name__}")
+        for path, v in layers.items():
+            if not _fraction(v):
+                raise ValueError(f"{CONFIG_FIELD}.layer_sparsity[{path!r}] must be a number in [0, 1], got {v!r}")
+        return cls(values, float(sparsity), allocation, {k: float(v) for k, v in layers.items()})
 
     def save_to_config(self, model: nn.Module) -> None:
         setattr(model.config, CONFIG_FIELD, self.to_dict())
@@ -85,6 +99,10 @@ class Thresholds:
         sizes = {path: _weight_numel(model.get_submodule(path)) for path in self.layer_sparsity}
         total = sum(sizes.values())
         return sum(self.layer_sparsity[p] * n for p, n in sizes.items()) / total if total else 0.0
+
+
+def _fraction(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v <= 1.0
 
 
 def _weight_numel(layer: nn.Module) -> int:
@@ -296,14 +314,46 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
         ValueError: bad arguments (the message names them), or no layer to threshold.
     """
     _check(sparsity, allocation, step)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError("input_ids must be a non-empty [N, T] tensor of token ids")
+    for name, value in (("max_tokens", max_tokens), ("eval_tokens", eval_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0 \
+            or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError("input_ids must be a non-empty [N, T] tensor of integer token ids")
     layers = thresholdable_layers(model)
     if not layers:
         raise ValueError(f"calibrate_thresholds: no linear layer to threshold in {type(model).__name__}")
     sources: dict[str, int] = {}
-    inputs = _collect(model, layers, input_ids, max_tokens, seed, sources)
-    modules = dict(layers)
+    with _thresholds_off(model):  # on a sparsified model: calibrate on the dense inputs, as the first time
+        inputs = _collect(model, layers, input_ids, max_tokens, seed, sources)
+        modules = dict(layers)
+        result = _allocate(model, modules, inputs, sources, input_ids, sparsity, allocation, step, eval_tokens)
+    if save:
+        result.save_to_config(model)
+    return result
+
+
+@contextlib.contextmanager
+def _thresholds_off(model: nn.Module) -> Iterator[None]:
+    """Within the block, thresholded layers of a sparsified model keep every input (threshold 0: the exact product)
+    — an offline step: a model being calibrated must not serve requests meanwhile."""
+    saved = [(m, m.threshold) for m in model.modules() if hasattr(m, "wrapped") and isinstance(
+        getattr(m, "threshold", None), float)]
+    for m, _ in saved:
+        m.threshold = 0.0
+    try:
+        yield
+    finally:
+        for m, t in saved:
+            m.threshold = t
+
+
+def _allocate(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, torch.Tensor],
+              sources: dict[str, int], input_ids: torch.Tensor, sparsity: float, allocation: str, step: float,
+              eval_tokens: int) -> Thresholds:
+    """The per-layer thresholds of one allocation, from the collected calibration inputs."""
     if allocation == "block" and sparsity > 0.0:
         step_levels = _levels(step)
         at = _block_allocation(model, modules, inputs, sources, input_ids, sparsity, step, eval_tokens)
@@ -342,8 +392,6 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
         chosen = {path: float((inputs[path].abs() <= values[path]).float().mean()) if at[path] else 0.0
                   for path in inputs}
         result = Thresholds(values, float(sparsity), allocation, chosen)
-    if save:
-        result.save_to_config(model)
     return result
 
 
