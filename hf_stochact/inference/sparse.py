@@ -296,40 +296,122 @@ class SparseDownProjection(_Wrapper):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
+class InputGroup:
+    """Thresholded layers that read the same input tensor (q/k/v of an attention, gate/up of an FFN), found at
+    calibration (``Thresholds.groups``). In an eager decode step the first member called computes every member's
+    output in one operator call (``sparse_rows``: one pass over the input, one OpenMP region, one allocation); the
+    others, when called with the *same* tensor (same object, unmodified since), take their result instead of
+    computing it. Each member is still called, so its hooks fire; a member whose input differs (a pre-hook that
+    replaced it, a different call order) computes its own. The hand-over is per thread (``threading.local``):
+    concurrent decodes on one model never see each other's results."""
+
+    def __init__(self, members: list[ThresholdedLinear]):
+        self.members = members
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:  # copies: the hand-over state is per call, not copied
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.members = state["members"]
+        self._local = threading.local()
+
+    def take(self, member: ThresholdedLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output if an earlier member computed it from this very ``x`` in this thread, else None."""
+        local = self._local
+        results = getattr(local, "results", None)
+        if results is None or local.x is not x or local.version != x._version:
+            return None
+        y = results.pop(id(member), None)
+        if not results:
+            local.results = local.x = None
+        return y
+
+    def compute(self, caller: ThresholdedLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
+        """Every member's output from ``x2d`` (the caller's input as [T, d_in]) in one call; returns the caller's,
+        keeps the others' for :meth:`take`. None where a member's weights are not what the loop reads."""
+        members, specs = self.members, []
+        for m in members:
+            spec = m.rows_spec(x2d)
+            if spec is None:
+                return None
+            specs.append(spec)
+        ys, ks = kernels.sparse_rows_validated(x2d, specs, caller.config.input_max_density)
+        out_shape = x.shape[:-1]
+        local = self._local
+        local.results = {id(m): y.view(*out_shape, y.shape[-1]) for m, y in zip(members, ys) if m is not caller}
+        local.x, local.version = x, x._version
+        i = members.index(caller)
+        caller.counter.add("sparse" if ks[i] >= 0 else "dense")
+        return ys[i].view(*out_shape, ys[i].shape[-1])
+
+
 class ThresholdedLinear(_Wrapper):
     """A linear layer (``nn.Linear`` or ``Conv1D``) whose inputs with ``|x| <= threshold`` count as 0 (TEAL-style
     input sparsity, thresholds from :func:`~hf_stochact.inference.thresholds.calibrate_thresholds`). Every call
     applies the mask (prefill and perplexity see the same approximation as decoding); decode steps read only the
-    weight rows of the remaining inputs (``hf_stochact::sparse_down`` with its threshold), other calls run the
-    original layer on the masked input."""
+    weight rows of the remaining inputs (``hf_stochact::sparse_rows``, with the other layers of its
+    :class:`InputGroup` in the same call where it has one), other calls run the original layer on the masked
+    input."""
 
     def __init__(self, layer: nn.Module, threshold: float, config: SparseConfig):
         super().__init__(layer, config)
         self.threshold = float(threshold)
+        self.group: InputGroup | None = None
 
     @property
     def wrapped(self) -> nn.Module:
         return self.original
 
+    def rows_spec(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+        """(W in rows layout [d_in, d_out], float32 bias, threshold) if the C loop can read this layer's weights
+        for an input like ``x2d`` (checked on every call: weights may be replaced or cast after sparsify)."""
+        original = self.original
+        w_t, bias = down_rows(original), param(original, "bias")
+        if not kernels.rows_member_ok(x2d, w_t, bias):
+            return None
+        return w_t, None if bias is None else kernels.float32(bias), self.threshold
+
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.group
+        eager = not torch.compiler.is_compiling()
+        if group is not None and eager:
+            y = group.take(self, x)
+            if y is not None:
+                self.counter.add("sparse")
+                return y
         shape = x.shape
         if x.is_cpu and not _needs_grad(self, x):
-            w_t, bias = down_rows(self.original), param(self.original, "bias")
-            if loop_readable(w_t, bias, x) and w_t.is_contiguous() and _rows_consistent(x, w_t, bias):
-                x2d = x.reshape(-1, shape[-1])
-                if len(x2d) <= self.config.max_tokens:
+            x2d = x.reshape(-1, shape[-1])
+            if len(x2d) <= self.config.max_tokens:
+                if eager and kernels.rows_input_ok(x2d):
+                    if group is not None:
+                        y = group.compute(self, x, x2d)
+                        if y is not None:
+                            return y
+                    spec = self.rows_spec(x2d)
+                    if spec is not None:
+                        (y,), (k,) = kernels.sparse_rows_validated(x2d, [spec], self.config.input_max_density)
+                        self.counter.add("sparse" if k >= 0 else "dense")
+                        return y.view(*shape[:-1], y.shape[-1])
+                w_t, bias = down_rows(self.original), param(self.original, "bias")
+                if loop_readable(w_t, bias, x) and w_t.is_contiguous() and _rows_consistent(x, w_t, bias):
                     y, k = kernels.sparse_down(x2d, w_t, bias, self.config.input_max_density, self.threshold)
-                    if not torch.compiler.is_compiling():
+                    if eager:
                         self.counter.add("sparse" if int(k) >= 0 else "dense")
                     return y.reshape(*shape[:-1], y.shape[-1])
-                if _prefill_in_float32(x, (w_t,)):
+            else:
+                w_t, bias = down_rows(self.original), param(self.original, "bias")
+                if loop_readable(w_t, bias, x) and w_t.is_contiguous() and _rows_consistent(x, w_t, bias) \
+                        and _prefill_in_float32(x, (w_t,)):
                     self.count("dense")
                     y = _rows_product(magnitude_mask(x2d, self.threshold), w_t, bias)
                     return y.reshape(*shape[:-1], y.shape[-1])
         return self.dense(magnitude_mask(x, self.threshold))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, threshold={self.threshold:.4g}"
+        group = "" if self.group is None else f", group of {len(self.group.members)}"
+        return f"{super().extra_repr()}, threshold={self.threshold:.4g}{group}"
 
 
 def _rows_layout(layer: nn.Module) -> bool:
@@ -438,9 +520,23 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
         wrapper.relaid = _rows_layout(layer)
         object.__setattr__(wrapper, "relaid_layer", layer)
         _replace(model, path, wrapper)
+    _link_groups(model, thresholds)
     if explicit and thresholds is not None and getattr(model, "config", None) is not None:
         thresholds.save_to_config(model)
     return model
+
+
+def _link_groups(model: nn.Module, thresholds: Thresholds | None) -> None:
+    """Give the thresholded layers that read one input (``thresholds.groups``) a shared :class:`InputGroup`."""
+    wrappers = {p: m for p, m in _wrappers(model) if isinstance(m, ThresholdedLinear)}
+    for m in wrappers.values():
+        m.group = None
+    for paths in (thresholds.groups if thresholds else ()):
+        members = [wrappers[p] for p in paths if p in wrappers]
+        if 1 < len(members) <= kernels.MAX_GROUP:
+            group = InputGroup(members)
+            for m in members:
+                m.group = group
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, _Wrapper]]:

@@ -51,12 +51,15 @@ class Thresholds:
         sparsity: the calibration target (model-level for greedy, per layer for uniform).
         allocation: how the per-layer sparsities were chosen.
         layer_sparsity: the calibrated fraction of zeroed inputs per layer, on the calibration text.
+        groups: layers that read the same input tensor (q/k/v, gate/up), found at calibration: ``sparsify``
+            computes each group in one call during decoding.
     """
 
     values: dict[str, float]
     sparsity: float = 0.0
     allocation: str = "uniform"
     layer_sparsity: dict[str, float] = dataclasses.field(default_factory=dict)
+    groups: list[list[str]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,7 +87,13 @@ class Thresholds:
         for path, v in layers.items():
             if not _fraction(v):
                 raise ValueError(f"{CONFIG_FIELD}.layer_sparsity[{path!r}] must be a number in [0, 1], got {v!r}")
-        return cls(values, float(sparsity), allocation, {k: float(v) for k, v in layers.items()})
+        groups = d.get("groups", [])
+        if not isinstance(groups, list) or not all(
+                isinstance(g, list) and all(isinstance(p, str) and p in values for p in g) for g in groups):
+            raise ValueError(f"{CONFIG_FIELD}.groups must be a list of lists of thresholded module paths, got "
+                             f"{groups!r}")
+        return cls(values, float(sparsity), allocation, {k: float(v) for k, v in layers.items()},
+                   [list(g) for g in groups])
 
     def save_to_config(self, model: nn.Module) -> None:
         setattr(model.config, CONFIG_FIELD, self.to_dict())
@@ -138,17 +147,40 @@ def _check(sparsity: float, allocation: str, step: float) -> None:
 
 
 @torch.no_grad()
+def input_groups(model: nn.Module, layers: list[tuple[str, nn.Module]], input_ids: torch.Tensor,
+                 tokens: int = 4) -> list[list[str]]:
+    """The layers (paths, in call order) that read the very same input tensor in a forward pass (q/k/v; gate/up):
+    groups of two or more, found on a short prefix of the first window. Inputs are held for the pass and compared
+    by identity, so a freed tensor whose id is reused cannot merge two groups."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = [module.register_forward_pre_hook(lambda mod, args, path=path: seen.append((path, args[0])))
+               for path, module in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=input_ids[:1, :tokens].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    owner: list[tuple[torch.Tensor, list[str]]] = []
+    for path, x in seen:
+        group = next((g for t, g in owner if t is x), None)
+        if group is None:
+            owner.append((x, [path]))
+        elif path not in group:
+            group.append(path)
+    return [g for _, g in owner if len(g) > 1]
+
+
+@torch.no_grad()
 def _collect(model: nn.Module, layers: list[tuple[str, nn.Module]], input_ids: torch.Tensor, max_tokens: int,
-             seed: int, sources: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """Up to ``max_tokens`` input rows [N, d_in] (float32) per layer, sampled evenly over the calibration tokens.
-    ``sources`` (if given) receives, per layer, an id of its input tensor in the last window (layers with equal ids
-    read the same input)."""
+             seed: int) -> dict[str, torch.Tensor]:
+    """Up to ``max_tokens`` input rows [N, d_in] (float32) per layer, sampled evenly over the calibration tokens."""
     rows: dict[str, list[torch.Tensor]] = {path: [] for path, _ in layers}
 
     def hook(mod, args, path):
         rows[path].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
-        if sources is not None:
-            sources[path] = id(args[0])
 
     handles = [module.register_forward_pre_hook(lambda mod, args, path=path: hook(mod, args, path))
                for path, module in layers]
@@ -325,11 +357,14 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
     layers = thresholdable_layers(model)
     if not layers:
         raise ValueError(f"calibrate_thresholds: no linear layer to threshold in {type(model).__name__}")
-    sources: dict[str, int] = {}
     with _thresholds_off(model):  # on a sparsified model: calibrate on the dense inputs, as the first time
-        inputs = _collect(model, layers, input_ids, max_tokens, seed, sources)
+        groups = input_groups(model, layers, input_ids)
+        sources = {p: i for i, g in enumerate(groups) for p in g}
+        sources.update({p: -1 - i for i, (p, _) in enumerate(layers) if p not in sources})
+        inputs = _collect(model, layers, input_ids, max_tokens, seed)
         modules = dict(layers)
         result = _allocate(model, modules, inputs, sources, input_ids, sparsity, allocation, step, eval_tokens)
+    result.groups = groups
     if save:
         result.save_to_config(model)
     return result

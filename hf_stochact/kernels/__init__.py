@@ -19,11 +19,13 @@ from collections.abc import Iterator
 import torch
 
 from . import ops, reference
-from .ops import MAX_TOKENS, c_loops_active, loop_readable
+from .ops import MAX_GROUP, MAX_TOKENS, c_loops_active, loop_readable, rows_member_ok
+from .ops import _f32 as float32
 from .reference import GRANULARITIES, bernoulli, categorical, mask_shape, threshold, uniform
 
 __all__ = [
     "GRANULARITIES",
+    "MAX_GROUP",
     "MAX_TOKENS",
     "bernoulli",
     "built",
@@ -35,6 +37,11 @@ __all__ = [
     "silu_relu_draw",
     "sparse_down",
     "sparse_gated_mlp",
+    "sparse_rows",
+    "sparse_rows_validated",
+    "rows_input_ok",
+    "rows_member_ok",
+    "float32",
     "threshold",
     "torch_only",
     "uniform",
@@ -142,3 +149,25 @@ def sparse_down(h: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, m
     if h.is_cpu and not torch.compiler.is_compiling():
         return ops.sparse_down_cpu(h, w_t, bias, max_density, threshold)
     return torch.ops.hf_stochact.sparse_down(h, w_t, bias, max_density, threshold)
+
+
+def sparse_rows(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                thresholds: list[float], max_density: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(ys, ks)``: :func:`sparse_down` for several layers that read the same input ``x`` [T, d_in] (q/k/v,
+    gate/up), each with its own rows-layout weight [d_in, d_out_m], bias and threshold, in one call (one pass over
+    ``x``, one parallel region); ks[m] = active rows of member m, or -1 where it was finished densely."""
+    if x.is_cpu and not torch.compiler.is_compiling():
+        return ops.sparse_rows_cpu(x, weights, biases, thresholds, max_density)
+    return torch.ops.hf_stochact.sparse_rows(x, weights, biases, thresholds, max_density)
+
+
+def rows_input_ok(x2d: torch.Tensor) -> bool:
+    """Whether the eager fast path (:func:`sparse_rows_validated`) takes this input: C loops on, a plain contiguous
+    float32/bfloat16 CPU tensor of 1 to MAX_TOKENS rows."""
+    return c_loops_active() and 1 <= x2d.shape[0] <= MAX_TOKENS and loop_readable(x2d) and x2d.is_contiguous()
+
+
+def sparse_rows_validated(x2d: torch.Tensor, members, max_density: float):
+    """Eager fast path of :func:`sparse_rows` for a caller that checked :func:`rows_input_ok` and
+    :func:`rows_member_ok` for every member ``(w_t, float32 bias, threshold)``: no further checks, ks as ints."""
+    return ops.sparse_rows_c(x2d, members, max_density)

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 NAMESPACE = "hf_stochact"
 MAX_TOKENS = 16  # the C loops' limit per sparse call (MAX_T)
+MAX_GROUP = 8  # layers per sparse_rows call (MAX_MEMBERS)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Who computes the dense gate of sparse_gated_mlp: MKL (torch) is faster on large float32 matrices, the C loop on
 # small ones and on bfloat16 (measured: docs/sparse_inference.md).
@@ -84,6 +85,8 @@ LIB.define("sparse_gated_mlp(Tensor x, Tensor w_gate, Tensor? b_gate, Tensor w_u
            "Tensor? b_down, int act, float max_density) -> (Tensor, Tensor)")
 LIB.define("sparse_down(Tensor h, Tensor w_t, Tensor? bias, float max_density, float threshold=0.0) -> "
            "(Tensor, Tensor)")
+LIB.define("sparse_rows(Tensor x, Tensor[] weights, Tensor?[] biases, float[] thresholds, float max_density) -> "
+           "(Tensor[], Tensor)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,3 +245,67 @@ def _sparse_gated_fake(x, w_gate, b_gate, w_up, b_up, w_down_t, b_down, act, max
 @torch.library.register_fake(f"{NAMESPACE}::sparse_down", lib=LIB)
 def _sparse_down_fake(h, w_t, bias, max_density, threshold=0.0):
     return h.new_empty(h.shape[0], w_t.shape[1]), h.new_empty((), dtype=torch.int64, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse_rows: several input-sparse layers on one input, one call
+
+
+def rows_member_ok(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """What the C loop relies on for one member: a plain, contiguous rows-layout weight [d_in, d_out] that ``x``
+    [T, d_in] fits, a float32/bfloat16 weight, and a matching bias."""
+    return (loop_readable(w_t, bias) and w_t.is_contiguous() and w_t.shape[0] == x.shape[-1]
+            and (bias is None or bias.shape == (w_t.shape[1],)))
+
+
+def sparse_rows_c(x: torch.Tensor, members, max_density: float,
+                  one_buffer: bool = True) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    """The C loop on validated members (:func:`rows_member_ok` each, ``x`` [T, d_in] float32/bfloat16 contiguous,
+    1 to MAX_TOKENS tokens): ``members`` = [(w_t, bias float32 or None, threshold)]. Returns the outputs (in x's
+    dtype, contiguous [T, d_out]; with ``one_buffer``, pieces of one allocation — not for the operator, whose
+    outputs must not alias) and each member's k; a member with k = -1 is finished here densely (F.linear on the
+    masked input)."""
+    tokens, d_in = x.shape
+    io = 1 if x.dtype == torch.bfloat16 else 0
+    xc = x if io else _f32(x)
+    sizes = [w_t.shape[1] for w_t, _, _ in members]
+    out_dtype = torch.bfloat16 if io else torch.float32
+    flat = torch.empty(tokens * sum(sizes), dtype=out_dtype) if one_buffer else None
+    ys, specs, at = [], [], 0
+    for (w_t, bias, t), d_out in zip(members, sizes):
+        y = flat[at: at + tokens * d_out].view(tokens, d_out) if one_buffer else torch.empty(tokens, d_out,
+                                                                                              dtype=out_dtype)
+        ys.append(y)
+        specs.append((w_t.data_ptr(), _ptr(bias), y.data_ptr(), d_out, DTYPE_CODES[w_t.dtype], float(t)))
+        at += tokens * d_out
+    ks = _C.sparse_rows(xc.data_ptr(), tokens, d_in, int(max_density * d_in), io, torch.get_num_threads(),
+                        tuple(specs))
+    for i, k in enumerate(ks):
+        if k < 0:
+            w_t, bias, t = members[i]
+            y = F.linear(reference.magnitude_mask(x, t).to(w_t.dtype), w_t.t())
+            ys[i].copy_(y if bias is None else y + bias.to(y.dtype))
+    return ys, ks
+
+
+def sparse_rows_cpu(x, weights, biases, thresholds, max_density: float):
+    if not (c_loops_active() and loop_readable(x) and 1 <= x.shape[0] <= MAX_TOKENS and len(weights) <= MAX_GROUP
+            and all(rows_member_ok(x, w, b) for w, b in zip(weights, biases))):
+        for w_t, b in zip(weights, biases):
+            if w_t.shape[0] != x.shape[-1] or (b is not None and b.shape != (w_t.shape[1],)):
+                raise ValueError(f"sparse_rows: inconsistent shapes x {tuple(x.shape)}, w_t {tuple(w_t.shape)} "
+                                 "(expected [T, d_in], [d_in, d_out])")
+        return reference.sparse_rows(x, weights, biases, thresholds, max_density)
+    members = [(w, _f32(b), t) for w, b, t in zip(weights, biases, thresholds)]
+    ys, ks = sparse_rows_c(x.contiguous(), members, max_density, one_buffer=False)
+    return [y if y.dtype == x.dtype else y.to(x.dtype) for y in ys], torch.tensor(ks, dtype=torch.int64)
+
+
+LIB.impl("sparse_rows", reference.sparse_rows, "CompositeExplicitAutograd")
+LIB.impl("sparse_rows", sparse_rows_cpu, "CPU")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::sparse_rows", lib=LIB)
+def _sparse_rows_fake(x, weights, biases, thresholds, max_density):
+    return [x.new_empty(x.shape[0], w.shape[1]) for w in weights], \
+        x.new_empty((len(weights),), dtype=torch.int64, device="cpu")

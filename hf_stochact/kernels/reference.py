@@ -164,7 +164,8 @@ def magnitude_mask(h: torch.Tensor, threshold: float) -> torch.Tensor:
     """``h`` where ``|h| > threshold``, else 0 (threshold 0: ``h`` itself; NaN is kept, as the C loops do)."""
     if threshold <= 0.0:
         return h
-    return torch.where(h.abs() <= threshold, torch.zeros((), dtype=h.dtype, device=h.device), h)
+    a = h.abs() if h.dtype in (torch.float32, torch.float64) else h.abs().float()  # compared in float32, as the
+    return torch.where(a <= threshold, torch.zeros((), dtype=h.dtype, device=h.device), h)  # C loops do
 
 
 def sparse_down(h, w_t, bias, max_density: float, threshold: float = 0.0):
@@ -178,3 +179,14 @@ def sparse_down(h, w_t, bias, max_density: float, threshold: float = 0.0):
     if bias is not None:
         y = y + bias
     return y, torch.tensor(idx.numel(), dtype=torch.int64)
+
+
+def sparse_rows(x, weights, biases, thresholds, max_density: float):
+    """(ys, ks): for each member m, ``y_m = m(x) W_m + b_m`` with its own threshold (:func:`sparse_down` per member,
+    all reading the same input ``x`` [T, d_in]); ks[m] = active rows or -1 (finished densely)."""
+    ys, ks = [], []
+    for w_t, bias, t in zip(weights, biases, thresholds):
+        y, k = sparse_down(x, w_t, bias, max_density, t)
+        ys.append(y)
+        ks.append(k)
+    return ys, torch.stack(ks)

@@ -35,6 +35,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Portability: OpenMP pragmas are ignored where setup.py found no OpenMP; prefetch and `omp simd` hints are
  * GCC/Clang spellings, empty elsewhere (MSVC). */
@@ -299,7 +302,7 @@ MULTIVERSION static void rows_dot(const void *W, int dtype, const float *x, cons
                             Py_ssize_t k, Py_ssize_t T, Py_ssize_t c0, Py_ssize_t c1) {                        \
         Py_ssize_t groups = (k + R - 1) / R;                                                                   \
         for (Py_ssize_t g = 0; g < groups; ++g) {                                                              \
-            const TYPE *rows[R], *nxt[R];                                                                      \
+            const TYPE *rows[R], *nxt[R] = {0}; /* read only when pf */                                        \
             group_rows((const char *)WT, d * sizeof(TYPE), idx, k, g, (const char **)rows);                    \
             int pf = g + 1 < groups;                                                            \
             if (pf) group_rows((const char *)WT, d * sizeof(TYPE), idx, k, g + 1, (const char **)nxt);         \
@@ -463,6 +466,203 @@ static PyObject *py_sparse_down(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(k <= max_active ? k : -1);
 }
 
+/* ---------------------------------------------------------------------------------------------------------------
+ * 3. Input-sparse linear layers that read one input, in one call (q/k/v; gate/up; any single layer)
+ *
+ *   sparse_rows:  for each member m: idx_m = union over tokens of {i : |x[t, i]| > thr_m},
+ *                 y_m = x[:, idx_m] WT_m[idx_m] + b_m
+ *
+ * The active rows of each member are split between the threads (each reads one contiguous stretch of the weight,
+ * which the hardware prefetcher follows even with rows skipped), each thread sums into its own partial output,
+ * and the partials are added column-wise at the end. One OpenMP region covers every member of the call. */
+
+/* y[t * d + c] += sum_{j < n} h[t * hs + j] * WT[idx[j] * d + c], four rows per pass (the tail repeats a row with
+ * weight 0), the next pass's rows prefetched */
+#define DEFINE_AXPY_ROWS(NAME, TYPE, LOAD, LINE)                                                                  \
+    static inline void NAME(const TYPE *WT, const float *h, Py_ssize_t hs, const int64_t *idx, Py_ssize_t n,   \
+                            float *y, Py_ssize_t d, Py_ssize_t T) {                                            \
+        Py_ssize_t groups = (n + R - 1) / R;                                                                   \
+        for (Py_ssize_t g = 0; g < groups; ++g) {                                                              \
+            const TYPE *rows[R], *nxt[R] = {0}; /* read only when pf */                                        \
+            group_rows((const char *)WT, d * sizeof(TYPE), idx, n, g, (const char **)rows);                    \
+            int pf = g + 1 < groups;                                                                           \
+            if (pf) group_rows((const char *)WT, d * sizeof(TYPE), idx, n, g + 1, (const char **)nxt);         \
+            const TYPE *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];                             \
+            for (Py_ssize_t t = 0; t < T; ++t) {                                                               \
+                float hr[R];                                                                                   \
+                for (int r = 0; r < R; ++r) hr[r] = g * R + r < n ? h[t * hs + g * R + r] : 0.0f;               \
+                float *yt = y + t * d;                                                                         \
+                for (Py_ssize_t a = 0; a < d; a += W16) {                                                      \
+                    Py_ssize_t b = a + W16 < d ? a + W16 : d;                                                  \
+                    if (pf && t == 0 && a % LINE == 0)                                                         \
+                        for (int r = 0; r < R; ++r) PREFETCH(nxt[r] + a);                                      \
+                    PRAGMA_SIMD for (Py_ssize_t c = a; c < b; ++c) yt[c] +=                                    \
+                        hr[0] * LOAD(r0, c) + hr[1] * LOAD(r1, c) + hr[2] * LOAD(r2, c) + hr[3] * LOAD(r3, c); \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+DEFINE_AXPY_ROWS(axpy_rows_f32, float, LOAD_F32, 16)
+DEFINE_AXPY_ROWS(axpy_rows_bf16, uint16_t, LOAD_BF16, 32)
+
+typedef struct {
+    const void *w;   /* WT [d_in, d_out], rows contiguous */
+    const float *b;  /* bias [d_out] or NULL */
+    void *y;         /* [T, d_out]: float32, or bfloat16 when io */
+    Py_ssize_t d;    /* d_out */
+    int dtype;       /* of w: 0 float32, 1 bfloat16 */
+    float thr;       /* inputs with |x| <= thr count as 0 */
+    Py_ssize_t k;    /* active rows (set by the call) */
+    int64_t *idx;    /* their indices */
+    float *h;        /* [T, k] their values (another token's value may have kept the row: 0 there) */
+    float *part;     /* [P, T, d] partial outputs */
+    float *yf;       /* [T, d] float32 output (y itself unless io) */
+} Member;
+
+MULTIVERSION static void sparse_rows_run(Member *m, int nm, Py_ssize_t T, int parts) {
+#pragma omp parallel num_threads(parts) if (parts > 1)
+    {
+#ifdef _OPENMP
+        int p = omp_get_thread_num(), P = omp_get_num_threads();
+#else
+        int p = 0, P = 1;
+#endif
+        for (int i = 0; i < nm; ++i) {
+            Member *mm = &m[i];
+            if (mm->k < 0) continue;
+            Py_ssize_t n = mm->k, d = mm->d;
+            Py_ssize_t r0 = n * p / P, r1 = n * (p + 1) / P;
+            float *acc = P == 1 ? mm->yf : mm->part + (Py_ssize_t)p * T * d;
+            if (P == 1) {
+                for (Py_ssize_t t = 0; t < T; ++t)
+                    for (Py_ssize_t c = 0; c < d; ++c) acc[t * d + c] = mm->b ? mm->b[c] : 0.0f;
+            } else {
+                memset(acc, 0, (size_t)(T * d) * sizeof(float));
+            }
+            if (r1 > r0) {
+                if (mm->dtype == 0)
+                    axpy_rows_f32((const float *)mm->w, mm->h + r0, n, mm->idx + r0, r1 - r0, acc, d, T);
+                else
+                    axpy_rows_bf16((const uint16_t *)mm->w, mm->h + r0, n, mm->idx + r0, r1 - r0, acc, d, T);
+            }
+        }
+        if (P > 1) {
+#pragma omp barrier
+            for (int i = 0; i < nm; ++i) {
+                Member *mm = &m[i];
+                if (mm->k < 0) continue;
+                Py_ssize_t d = mm->d, c0 = d * p / P, c1 = d * (p + 1) / P;
+                for (Py_ssize_t t = 0; t < T; ++t) {
+                    float *yt = mm->yf + t * d;
+                    for (Py_ssize_t c = c0; c < c1; ++c) {
+                        float s = mm->b ? mm->b[c] : 0.0f;
+                        for (int q = 0; q < P; ++q) s += mm->part[((Py_ssize_t)q * T + t) * d + c];
+                        yt[c] = s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* sparse_rows(x, T, d_in, max_active, io, nthreads, members) -> tuple of k (or -1: more than max_active rows
+ * active; that member's y is left unwritten and the caller finishes it densely). members: a tuple of
+ * (w, b, y, d_out, dtype, thr). x: float32 [T, d_in], or bfloat16 when io (then every y is bfloat16 too). */
+#define MAX_MEMBERS 8
+static PyObject *py_sparse_rows(PyObject *self, PyObject *args) {
+    unsigned long long x;
+    Py_ssize_t T, din, max_active;
+    int io, nthreads;
+    PyObject *members;
+    if (!PyArg_ParseTuple(args, "KnnniiO!", &x, &T, &din, &max_active, &io, &nthreads, &PyTuple_Type, &members))
+        return NULL;
+    if (!tokens_ok(T)) return NULL;
+    Py_ssize_t nm = PyTuple_Size(members);
+    if (nm < 1 || nm > MAX_MEMBERS) {
+        PyErr_Format(PyExc_ValueError, "sparse_rows takes 1 to %d members, got %zd", MAX_MEMBERS, nm);
+        return NULL;
+    }
+    Member m[MAX_MEMBERS];
+    Py_ssize_t dsum = 0;
+    for (Py_ssize_t i = 0; i < nm; ++i) {
+        unsigned long long w, b, y;
+        double thr;
+        if (!PyArg_ParseTuple(PyTuple_GetItem(members, i), "KKKnid", &w, &b, &y, &m[i].d, &m[i].dtype, &thr))
+            return NULL;
+        m[i].w = (const void *)w;
+        m[i].b = (const float *)b;
+        m[i].y = (void *)y;
+        m[i].thr = (float)thr;
+        dsum += m[i].d;
+    }
+    int parts = nthreads > 1 ? nthreads : 1;
+    /* one allocation: x as float32 (io), per member idx [d_in] and h [T, d_in], partials [P, T, d], io outputs */
+    size_t bytes = (size_t)(io ? T * din : 0) * sizeof(float) + (size_t)nm * (size_t)din * sizeof(int64_t) +
+                   (size_t)nm * (size_t)(T * din) * sizeof(float) +
+                   (size_t)(parts > 1 ? parts : 0) * (size_t)(T * dsum) * sizeof(float) +
+                   (size_t)(io ? T * dsum : 0) * sizeof(float);
+    char *scratch = (char *)malloc(bytes ? bytes : 1);
+    if (scratch == NULL) return PyErr_NoMemory();
+    PyObject *result = PyTuple_New(nm);
+    if (result == NULL) {
+        free(scratch);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    char *at = scratch;
+    const float *xf = (const float *)x;
+    if (io) {
+        float *xc = (float *)at;
+        for (Py_ssize_t i = 0; i < T * din; ++i) xc[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        xf = xc;
+        at += (size_t)(T * din) * sizeof(float);
+    }
+    Py_ssize_t work = 0;
+    for (Py_ssize_t i = 0; i < nm; ++i) {
+        Member *mm = &m[i];
+        mm->idx = (int64_t *)at;
+        at += (size_t)din * sizeof(int64_t);
+        mm->h = (float *)at;
+        at += (size_t)(T * din) * sizeof(float);
+        Py_ssize_t k = mm->thr > 0.0f ? union_above(xf, T, din, mm->thr, mm->idx) : union_nonzero(xf, T, din, mm->idx);
+        if (k > max_active) {
+            mm->k = -1;
+            continue;
+        }
+        mm->k = k;
+        for (Py_ssize_t t = 0; t < T; ++t)
+            for (Py_ssize_t j = 0; j < k; ++j) {
+                float v = xf[t * din + mm->idx[j]];
+                mm->h[t * k + j] = fabsf(v) <= mm->thr ? 0.0f : v;
+            }
+        work += k * mm->d * T;
+    }
+    int P = work > PARALLEL_MIN ? parts : 1;
+    for (Py_ssize_t i = 0; i < nm; ++i) {
+        Member *mm = &m[i];
+        mm->part = P > 1 ? (float *)at : NULL;
+        if (parts > 1) at += (size_t)parts * (size_t)(T * mm->d) * sizeof(float);
+    }
+    for (Py_ssize_t i = 0; i < nm; ++i) {
+        Member *mm = &m[i];
+        if (io) {
+            mm->yf = (float *)at;
+            at += (size_t)(T * mm->d) * sizeof(float);
+        } else {
+            mm->yf = (float *)mm->y;
+        }
+    }
+    sparse_rows_run(m, (int)nm, T, P);
+    if (io)
+        for (Py_ssize_t i = 0; i < nm; ++i)
+            if (m[i].k >= 0)
+                for (Py_ssize_t j = 0; j < T * m[i].d; ++j) ((uint16_t *)m[i].y)[j] = f32_to_bf16(m[i].yf[j]);
+    Py_END_ALLOW_THREADS
+    free(scratch);
+    for (Py_ssize_t i = 0; i < nm; ++i) PyTuple_SetItem(result, i, PyLong_FromSsize_t(m[i].k));
+    return result;
+}
+
 static PyObject *py_has_openmp(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
     Py_RETURN_TRUE;
@@ -480,6 +680,8 @@ static PyMethodDef methods[] = {
      "sparse_gated_mlp(x, wg, bg, wu, bu, wdt, bd, g, y, d, dff, T, max_active, act, dtype, io, nthreads) -> k or -1"},
     {"sparse_down", py_sparse_down, METH_VARARGS,
      "sparse_down(h, wt, b, y, dff, d, T, max_active, dtype, nthreads) -> k or -1"},
+    {"sparse_rows", py_sparse_rows, METH_VARARGS,
+     "sparse_rows(x, T, d_in, max_active, io, nthreads, ((w, b, y, d_out, dtype, thr), ...)) -> (k or -1, ...)"},
     {"has_openmp", py_has_openmp, METH_NOARGS, "whether the loops were built with OpenMP"},
     {NULL, NULL, 0, NULL},
 };
