@@ -1,4 +1,5 @@
-"""Builds the optional C loops (hf_stochact/kernels/csrc/kernels.c: plain CPython API, no torch headers at build time).
+"""Builds the optional C loops (hf_stochact/kernels/csrc/kernels.c: CPython's limited API, no torch headers at build
+time).
 
 OpenMP is detected, not assumed: a small program is compiled and linked with each candidate flag set (GCC/Clang
 ``-fopenmp``, Apple clang ``-Xpreprocessor -fopenmp -lomp``, MSVC ``/openmp``); without one the loops build
@@ -63,7 +64,12 @@ class OptionalBuildExt(build_ext):
             print(f"hf_stochact: C kernel {ext.name} not built ({exc}); operators use their torch implementations")
 
 
+# Only the limited (stable) C API of CPython 3.10: the module builds as _C.abi3.so, and setup.cfg's
+# [bdist_wheel] py_limited_api = cp310 tags the wheel cp310-abi3 (one wheel per platform for every Python >= 3.10).
+LIMITED_API = ("Py_LIMITED_API", "0x030A0000")
+
 setup(
-    ext_modules=[Extension("hf_stochact.kernels._C", ["hf_stochact/kernels/csrc/kernels.c"])],
+    ext_modules=[Extension("hf_stochact.kernels._C", ["hf_stochact/kernels/csrc/kernels.c"], py_limited_api=True,
+                           define_macros=[LIMITED_API])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

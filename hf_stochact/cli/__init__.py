@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 
+from .. import __version__
 from .args import UsageError, add_arguments, validate
 
 # command: (module with a <Name>Config dataclass and run(cfg), config class name, help)
@@ -34,6 +35,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-stochact", description="Stochastic activations for transformers models")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     parsers = {}
     for name, (module, cls_name, help_text) in COMMANDS.items():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..integration.serializable import make_serializable
 from .args import UsageError
 
 GGUF_MAGIC = b"GGUF"
@@ -61,7 +62,8 @@ def load_causal_lm(model: str, gguf: str = "", command: str = "this command", *,
     """(tokenizer, float32 model) from the folder ``model``, or from the GGUF file ``gguf`` (in ``model`` or a path).
 
     GGUF weights are dequantized to plain float32 ``nn.Linear`` parameters on load, but transformers keeps the GGUF
-    quantizer marker on the model, which makes ``Trainer`` refuse to fine-tune it; the marker is cleared.
+    quantizer marker on the model, which makes ``Trainer`` refuse to fine-tune it and ``save_pretrained`` refuse to
+    save it; :func:`hf_stochact.make_serializable` clears the marker.
 
     Raises:
         UsageError (a ``ValueError``): see :func:`resolve_model`, or the files could not be loaded (the message
@@ -82,7 +84,5 @@ def load_causal_lm(model: str, gguf: str = "", command: str = "this command", *,
     if gguf:
         if not all(p.dtype == torch.float32 for p in lm.parameters()):
             raise UsageError(flag, f"{source}: expected dequantized float32 weights")
-        lm.is_quantized = False
-        lm.hf_quantizer = None
-        lm.config.quantization_config = None
+        make_serializable(lm)
     return tokenizer, lm

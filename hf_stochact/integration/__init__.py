@@ -12,10 +12,16 @@ patch                                     why
 ``GenerationMixin.generate`` wrapper       ``generate(..., stochastic_activation=True)``
 ``CallbackHandler.add_callback`` wrapper   our callbacks run before the reporting integrations, so their
                                           ``on_log`` metrics reach TensorBoard / W&B
+``PeftModel.save_pretrained`` /            an adapter folder records the base model's FFN activation (e.g. the
+``from_pretrained`` wrappers (peft)        schedule's final ReLU); loading it onto a base with another one warns
+                                          (:mod:`~hf_stochact.integration.adapters`)
 ========================================  =====================================================================
 
-Each patch checks, at install time, that the transformers object it relies on is where it expects; a release that
-moves one raises ``ImportError`` naming it, instead of silently doing nothing.
+The ``ACT2FN`` entries are written by ``import hf_stochact``; each wrapper is installed when its transformers module
+is first imported (at once if it already is: :func:`~hf_stochact.integration.patches.when_imported`), so importing
+the plugin does not pull in transformers' modeling, generation and Trainer code. Each patch checks, when it is
+applied, that the transformers object it relies on is where it expects; a release that moves one raises
+``ImportError`` naming it, instead of silently doing nothing. :func:`uninstall` undoes them all.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import functools
 
 from ..activations import ACTIVATIONS
 from ..inference import decoding
-from . import generation, trainer
+from . import adapters, generation, patches, trainer
 from .config import apply_config
+
+_INSTALLED = False
 
 
 def _require(condition: bool, what: str) -> None:
@@ -45,8 +53,8 @@ def register_activation(name: str, cls: type) -> None:
     _require(isinstance(getattr(activations, "ACT2CLS", None), dict), "transformers.activations.ACT2CLS is not a dict")
     _require(hasattr(getattr(activations, "ACT2FN", None), "__setitem__"),
              "transformers.activations.ACT2FN is missing or immutable")
-    activations.ACT2CLS[name] = cls
-    activations.ACT2FN[name] = cls
+    patches.set_item(activations.ACT2CLS, name, cls)
+    patches.set_item(activations.ACT2FN, name, cls)
     _require(isinstance(activations.ACT2FN[name], cls), "ACT2FN[name] no longer builds the registered class")
 
 
@@ -76,13 +84,37 @@ def hook_post_init() -> None:
         return result
 
     post_init._hf_stochact = True
-    PreTrainedModel.post_init = post_init
+    patches.set_attribute(PreTrainedModel, "post_init", post_init)
 
 
 def install() -> None:
-    """Apply every patch (idempotent). ``import hf_stochact`` calls it; call it again in a process that imported
-    transformers' modeling code some other way only if you removed the patches."""
+    """Apply every patch (idempotent): the ``ACT2FN`` entries now, each wrapper when its transformers module is
+    imported (now if it already is). ``import hf_stochact`` calls it; call it again after :func:`uninstall`.
+
+    Raises:
+        ImportError: a transformers object a patch relies on moved (here or at the later import).
+    """
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _INSTALLED = True
     register_activations()
-    hook_post_init()
-    generation.install()
-    trainer.install()
+    patches.when_imported("transformers.modeling_utils", hook_post_init)
+    patches.when_imported("transformers.generation.utils", generation.install)
+    patches.when_imported("transformers.trainer_callback", trainer.install)
+    patches.when_imported("peft.peft_model", adapters.install)
+
+
+def uninstall() -> int:
+    """Undo every patch :func:`install` made: ``ACT2FN`` / ``ACT2CLS`` without the hf_stochact names (or with
+    what was there before), the original ``post_init``, ``generate`` (``GenerationMixin``'s and every model class's)
+    and ``CallbackHandler.add_callback``; wrappers not yet installed never will be. Returns the number of patches
+    undone.
+
+    Models built before keep what they were built with (their stochastic modules and the decoding hooks, which do
+    nothing outside a stochastic ``generate``, a call that now raises as an unknown keyword); a config naming
+    ``"stochastic"`` no longer builds (``KeyError``). ``install()`` puts everything back.
+    """
+    global _INSTALLED
+    _INSTALLED = False
+    return patches.undo_all()

@@ -13,11 +13,11 @@ Keywords (also read from ``generation_config``, so :func:`set_generation_default
 ``stochastic_p`` or ``stochastic_assistant`` without stochastic decoding switched on, or any other ``stochastic_*``
 keyword, raises ``ValueError`` (as transformers does for unused model keywords).
 
-How: ``import hf_stochact`` wraps ``GenerationMixin.generate`` once, and the ``generate`` of every model class that
-overrides it (MusicGen, Whisper, ... -- 48 classes in transformers 5.23, wrapped when their first model is built),
-so the keywords are removed before any class validates its keywords. The wrapper that sees a call first decides it
-for the whole call (inner ``super().generate`` calls pass through) and runs it inside
-:func:`~hf_stochact.inference.decoding.stochastic_decoding`: per-call state in the calling thread, nothing on the
+How: ``import hf_stochact`` wraps ``GenerationMixin.generate`` once (when transformers' generation code is imported),
+and the ``generate`` of every model class that overrides it (MusicGen, Whisper, ... -- 48 classes in transformers 5.23,
+wrapped when their first model is built), so the keywords are removed before any class validates its keywords. The
+wrapper that sees a call first decides it for the whole call (inner ``super().generate`` calls pass through) and runs it
+inside :func:`~hf_stochact.inference.decoding.stochastic_decoding`: per-call state in the calling thread, nothing on the
 model changes. Without the flag the original ``generate`` runs untouched.
 """
 
@@ -35,6 +35,7 @@ from torch import nn
 
 from ..activations.stochastic import check_probability
 from ..inference.decoding import stochastic_decoding
+from . import patches
 
 GENERATION_KEYS = ("stochastic_activation", "stochastic_p", "stochastic_assistant")
 _DECIDING = threading.local()  # ids of the models whose generate call this thread is inside
@@ -140,13 +141,14 @@ def wrap_class_generate(cls: type) -> bool:
         if own is not None:
             if getattr(own, "_hf_stochact", False) or not callable(own):
                 return False
-            klass.generate = _wrap_generate(own)
+            patches.set_attribute(klass, "generate", _wrap_generate(own))
             return True
     return False
 
 
 def install() -> None:
-    """Wrap ``GenerationMixin.generate`` (idempotent). Called on ``import hf_stochact``."""
+    """Wrap ``GenerationMixin.generate`` (idempotent). :func:`hf_stochact.install` runs it once
+    ``transformers.generation.utils`` is imported."""
     from transformers.generation.utils import GenerationMixin
 
     # the wrapper pops its keywords because generate() rejects unknown model kwargs in _validate_model_kwargs
@@ -158,7 +160,7 @@ def install() -> None:
                           "GenerationMixin.generate / _validate_model_kwargs moved. "
                           "Supported: transformers >= 5.0, < 6.")
     if not getattr(GenerationMixin.generate, "_hf_stochact", False):
-        GenerationMixin.generate = _wrap_generate(GenerationMixin.generate)
+        patches.set_attribute(GenerationMixin, "generate", _wrap_generate(GenerationMixin.generate))
 
 
 def set_generation_defaults(model: nn.Module, stochastic_activation: bool = True, stochastic_p: float | None = None):

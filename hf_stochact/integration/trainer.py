@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 
+from . import patches
+
 FLAG = "log_before_integrations"
 
 
@@ -31,7 +33,7 @@ def install() -> None:
         _front_first(self.callbacks)
 
     add_callback._hf_stochact = True
-    CallbackHandler.add_callback = add_callback
+    patches.set_attribute(CallbackHandler, "add_callback", add_callback)
 
     # checked once here, so that a transformers release that changes how handlers are built fails loudly
     probe = type("_Probe", (TrainerCallback,), {FLAG: True})()

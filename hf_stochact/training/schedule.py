@@ -22,11 +22,14 @@ Mechanics:
   checkpoint saved mid-run reloads with the activation it was being trained with.
 * ``on_train_end`` applies ``final_activation`` (default ``"relu"``): every FFN activation becomes a plain
   ``ACT2FN["relu"]``, the config field says ``"relu"`` and ``config.stochastic_activation`` is removed, so
-  ``save_pretrained`` writes a model that stock transformers loads without hf_stochact.
+  ``save_pretrained`` writes a model that stock transformers loads without hf_stochact. A PEFT model (LoRA, ...)
+  gets the swap in its base model: the run warns, its adapter folders record the activation
+  (:mod:`hf_stochact.integration.adapters`) and :func:`hf_stochact.load_adapter` reloads them with it.
 * ``on_log`` adds to the Trainer's own logs, on every log line: ``stochact/stage``; ``stochact/p`` where it has a
   meaning (two-way stochastic stages; omitted in ReLU/SiLU stages); ``stochact/ffn_zero_fraction`` (exact zeros in
-  the FFN activation outputs, measured on one forward in ``monitor_every``: the latest measurement) with
-  ``stochact/ffn_zero_fraction_step``, the step it was measured at.
+  the FFN activation outputs, measured on one forward in ``monitor_every``, the first forward of every stage
+  included): the latest measurement *of the current stage*, omitted until the stage has one, so a line never shows
+  the previous stage's sparsity under the new stage.
 * A stochastic stage without ``p`` (the default preset included) uses the ``p`` of the model's
   ``config.stochastic_activation``, else 0.5.
 """
@@ -47,6 +50,7 @@ from ..activations.stochastic import check_probability, known_activations
 from ..analysis.metrics import SparsityMonitor
 from ..inference import decoding
 from ..inference.sparse import is_sparsified, unsparsify
+from ..integration.adapters import ACTIVATION_FILE, is_peft_model
 from ..integration.config import CONFIG_KEY, NAME, model_configs, set_config_activation, stochastic_modules
 from ..layouts import find_mlps, relu_kind
 
@@ -175,7 +179,7 @@ class StochActSchedule(TrainerCallback):
         self._starts: list[int] | None = None
         self._current: tuple[int, float | None] | None = None
         self._monitor: SparsityMonitor | None = None
-        self._zero_fraction: tuple[float, int] | None = None  # last measured (value, step)
+        self._zero_fraction: float | None = None  # the current stage's last measurement
         self.default_p = 0.5  # p of stochastic stages without one: the model's configured p (on_train_begin)
         #: (optimizer step, activation) at each stage start of the last run: what every data-parallel rank must agree on
         self.transitions: list[tuple[int, str]] = []
@@ -222,6 +226,14 @@ class StochActSchedule(TrainerCallback):
             self._monitor.detach()
             self._monitor.attach()
 
+    def _new_measurement(self, model: nn.Module) -> None:
+        """Forget the zero fraction measured so far (a new stage begins): a fresh monitor, whose sampling
+        restarts, so the stage's first forward is measured."""
+        self._zero_fraction = None
+        if self._monitor is not None:
+            self._monitor.detach()
+            self._monitor = SparsityMonitor(model, every=self.monitor_every)
+
     # ---- TrainerCallback events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.max_steps is None or state.max_steps <= 0:
@@ -252,10 +264,10 @@ class StochActSchedule(TrainerCallback):
         if p is not None:  # omitted where it has no meaning (ReLU / SiLU stages, k-way mixes)
             metrics["stochact/p"] = round(p, 6)
         if self._monitor is not None and self._monitor.stats.total:
-            self._zero_fraction = (round(self._monitor.stats.overall, 6), state.global_step)
+            self._zero_fraction = round(self._monitor.stats.overall, 6)
             self._monitor.stats.reset()
-        if self._zero_fraction is not None:  # the latest measurement, on every log line, with its step
-            metrics["stochact/ffn_zero_fraction"], metrics["stochact/ffn_zero_fraction_step"] = self._zero_fraction
+        if self._zero_fraction is not None:  # the current stage's latest measurement; nothing before it has one
+            metrics["stochact/ffn_zero_fraction"] = self._zero_fraction
         add_log_metrics(state, logs, metrics)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -264,12 +276,20 @@ class StochActSchedule(TrainerCallback):
             self._monitor = None
         if model is not None and self.final_activation is not None:
             set_activation(model, self.final_activation)
+            if is_peft_model(model):
+                warnings.warn(f"StochActSchedule set the FFN activation of the *base* model to "
+                              f"{self.final_activation!r}; a PEFT adapter folder does not hold it, and "
+                              "PeftModel.from_pretrained on a fresh base keeps the base's own activation. "
+                              f"model.save_pretrained records it in the folder ({ACTIVATION_FILE}): reload with "
+                              "hf_stochact.load_adapter(base, folder), or merge_and_unload() and save the model.",
+                              UserWarning, stacklevel=2)
 
     def _step_to(self, model, state) -> None:
         current = self.stage_at(min(state.global_step, state.max_steps - 1), state.max_steps)
         if current != self._current:
             if self._current is None or current[0] != self._current[0]:
                 self.transitions.append((state.global_step, self.stages[current[0]].activation))
+                self._new_measurement(model)
             self.apply(model, *current)
             self._current = current
 
