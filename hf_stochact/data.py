@@ -11,14 +11,20 @@ pre-training example.
   Datasets read from files are cached and fingerprinted by ``datasets``: a second run with the same data, tokenizer
   and block size loads the processed blocks from the cache instead of tokenising again.
 
-Errors name the argument: an empty dataset, a text column that does not exist (the columns found are listed), text
-shorter than one block.
+Errors are ``ValueError`` exceptions that name the argument (``data: ...``, ``eval_data: ...``,
+``text_column: ...``) and, for local files, the file and line: an empty dataset or file, a text column that does not
+exist (the columns found are listed) or holds something other than text, a line that is not JSON, text that is not
+UTF-8, a binary file among text files, text shorter than one block. Folders are read recursively, following
+symbolic links (each folder once).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
+import json
+import os
 import sysconfig
 from collections.abc import Iterator
 from itertools import chain
@@ -35,6 +41,8 @@ _EXCLUDED_DIRS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "li
 #: File suffix -> ``datasets`` builder. Anything else in a folder is plain text.
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 _SKIPPED_NAMES = {".DS_Store"}
+#: Suffixes that make a missing ``source`` an error rather than a ``datasets`` name to try.
+_LOCAL_SUFFIXES = {*BUILDERS, ".txt", ".py", ".md"}
 
 
 def stdlib_root() -> Path:
@@ -91,11 +99,7 @@ def _check_fraction(held_out_fraction: float) -> None:
 
 def _files_and_builder(path: Path, argument: str) -> tuple[list[str], str]:
     """The data files under ``path`` and the builder that reads them (one kind per source)."""
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in _SKIPPED_NAMES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = [path] if path.is_file() else _folder_files(path, argument)
     if not files:
         raise ValueError(f"{argument}: the folder {str(path)!r} has no files")
     builders = {BUILDERS.get(p.suffix.lower(), "text") for p in files}
@@ -105,9 +109,175 @@ def _files_and_builder(path: Path, argument: str) -> tuple[list[str], str]:
     return [str(p) for p in files], builders.pop()
 
 
+def _folder_files(root: Path, argument: str) -> list[Path]:
+    """Every file under ``root``, sorted, hidden names (``.git``, ``.cache``, ...) skipped; symbolic links to
+    folders are followed, each folder (and file) read once however many links reach it, so a link loop ends."""
+
+    def fail(error: OSError) -> None:
+        raise ValueError(f"{argument}: cannot read the folder {error.filename!r}: {error.strerror}") from error
+
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    files = []
+    for folder, dirs, names in os.walk(root, followlinks=True, onerror=fail):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen_dirs:  # reached again through a link: a loop, or a second link
+            dirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            if name.startswith(".") or name in _SKIPPED_NAMES:
+                continue
+            p = Path(folder, name)
+            if not p.exists():
+                raise ValueError(f"{argument}: {str(p)!r} is a broken symbolic link (to {os.readlink(p)!r}): fix or "
+                                 "remove it")
+            st = p.stat()
+            if p.is_file() and (st.st_dev, st.st_ino) not in seen_files:
+                seen_files.add((st.st_dev, st.st_ino))
+                files.append(p)
+    return sorted(files)
+
+
+def _load_files(builder: str, files: list[str], argument: str):
+    """``load_dataset(builder, files)``; a file it cannot read becomes a ``ValueError`` naming the file (and line)."""
+    from datasets import load_dataset
+
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        return load_dataset(builder, data_files={"train": files}, **kwargs)
+    except Exception as error:  # noqa: BLE001 - pyarrow, pandas, codecs, datasets: found in the files, one message
+        raise ValueError(f"{argument}: {_diagnose(builder, files, error)}") from error
+
+
+def _diagnose(builder: str, files: list[str], error: BaseException) -> str:
+    """What is wrong with ``files``, found by reading them after ``datasets`` failed with ``error``."""
+    for f in files:
+        try:
+            problem = _file_problem(builder, Path(f))
+        except OSError as os_error:
+            problem = f"cannot read it: {os_error.strerror or os_error}"
+        if problem:
+            return f"{f}: {problem}"
+    if builder == "json" and all(_blank(Path(f)) for f in files):
+        return f"{files[0]}: the file is empty" if len(files) == 1 else "every file is empty"
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause).strip().splitlines()
+    return f"could not read {files[0] if len(files) == 1 else f'{len(files)} {builder} files'}: " \
+           f"{type(cause).__name__}{': ' + text[0] if text else ''}"
+
+
+def _file_problem(builder: str, path: Path) -> str | None:
+    """The first problem found in one file, or None."""
+    if builder in ("text", "json", "csv"):
+        problem = _utf8_problem(path)
+        if problem:
+            return problem
+    if builder == "json":
+        return _json_problem(path)
+    if builder == "csv":
+        import pandas as pd
+
+        try:
+            pd.read_csv(path, nrows=None)
+        except Exception as error:  # noqa: BLE001 - pandas' parser errors have no common base
+            return f"not valid CSV: {str(error).strip().splitlines()[0]}"
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_schema(path)
+        except Exception as error:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends
+            return f"not a Parquet file: {str(error).strip().splitlines()[0]}"
+    return None
+
+
+def _utf8_problem(path: Path, chunk: int = 1 << 20) -> str | None:
+    """Where ``path`` stops being UTF-8 text (line and byte), or None. A file with NUL bytes is called binary."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, binary = 0, 1, False
+    with path.open("rb") as f:
+        while True:
+            block = f.read(chunk)
+            binary = binary or b"\0" in block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                if binary:
+                    return "a binary file, not text: remove it (or move it out of the folder)"
+                at = error.start - (len(error.object) - len(block))  # the decoder may hold bytes of the last block
+                lines += block[:max(0, at)].count(b"\n")
+                return f"line {lines}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at byte {offset + at})" \
+                       ": convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            if not block:
+                return None
+            offset += len(block)
+            lines += block.count(b"\n")
+
+
+def _blank(path: Path) -> bool:
+    with path.open("rb") as f:
+        return not any(line.strip() for line in f)
+
+
+def _json_problem(path: Path) -> str | None:
+    """The first line of a JSON Lines file that is not a JSON object (or, for one JSON document, where it breaks)."""
+    with path.open(encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith("["):  # one JSON document (a list of records): parse it whole
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            return f"line {error.lineno}: not valid JSON ({error.msg})"
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None) \
+            if isinstance(records, list) else None
+        return None if bad is None else f"record {bad}: {_json_type(records[bad])}, not an object like " \
+                                        '{"text": "..."}'
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as line_error:
+                error = line_error
+                if number == 1 and head.startswith("{"):  # maybe one pretty-printed object
+                    try:
+                        json.loads(path.read_text(encoding="utf-8"))
+                        return None
+                    except json.JSONDecodeError as doc_error:
+                        error, number = doc_error, doc_error.lineno
+                return f"line {number}: not valid JSON ({error.msg}); a .jsonl file holds one JSON object per line"
+            if not isinstance(record, dict):
+                return f"line {number}: {_json_type(record)}, not an object like {{\"text\": \"...\"}}"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def missing_path(source: str | Path) -> bool:
+    """``source`` looks like a local path (``./``, ``/``, ``~``, a data file suffix) but nothing is there: an error
+    to report at once, not a ``datasets`` name to try."""
+    text = str(source)
+    path = Path(text).expanduser()
+    looks_local = text.startswith((".", "/", "~")) or path.suffix.lower() in _LOCAL_SUFFIXES
+    return bool(text) and looks_local and not path.exists()
+
+
 def load_source(source: Any, *, argument: str = "data"):
     """A ``Dataset`` or ``DatasetDict`` for ``source`` (see :func:`load_corpus`). Local files are read with the
-    builder their suffix names; plain text is one row per file (``sample_by="document"``)."""
+    builder their suffix names; plain text is one row per file (``sample_by="document"``).
+
+    Raises:
+        ValueError: a missing path, a folder without files or with mixed kinds, a file that cannot be read (named,
+            with the line where there is one), an unknown dataset name.
+    """
     from datasets import Dataset, DatasetDict, load_dataset
 
     if isinstance(source, (Dataset, DatasetDict)):
@@ -119,10 +289,10 @@ def load_source(source: Any, *, argument: str = "data"):
                          f"DatasetDict, got {type(source).__name__}")
     path = Path(source).expanduser()
     if path.exists():
-        files, builder = _files_and_builder(path, argument)
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        return load_dataset(builder, data_files={"train": files}, **kwargs)
-    if str(source).startswith((".", "/", "~")) or path.suffix.lower() in {*BUILDERS, ".txt", ".py", ".md"}:
+        return _load_files(*_files_and_builder(path, argument)[::-1], argument)
+    if path.is_symlink():
+        raise ValueError(f"{argument}: {str(source)!r} is a broken symbolic link (to {os.readlink(path)!r})")
+    if missing_path(source):
         raise ValueError(f"{argument}: no such file or folder: {str(source)!r}")
     try:
         return load_dataset(str(source))
@@ -148,6 +318,45 @@ def text_column(dataset, requested: str | None = None, *, argument: str = "text_
         return strings[0]
     raise ValueError(f"{argument}: the dataset has no 'text' column and {'no' if not strings else 'several'} string "
                      f"columns ({', '.join(columns) or 'none'}); name the one to use")
+
+
+def require_text(dataset, column: str, *, argument: str = "data", files: list[str] | None = None) -> None:
+    """Raise unless ``dataset[column]`` holds strings (nulls allowed): numbers, lists, objects or a mix of kinds
+    are not text. With the JSON Lines ``files`` the dataset was read from, the message names the first bad line."""
+    from datasets import Value
+
+    feature = dataset.features[column]
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null"):
+        return
+    kind = feature.dtype if isinstance(feature, Value) else \
+        {"Json": "mixed-kind", "List": "list", "Sequence": "list", "dict": "object"}.get(type(feature).__name__,
+                                                                                     type(feature).__name__)
+    where = _first_non_string(files, column) if files else None
+    raise ValueError(f"{argument}: the {column!r} column holds {kind} values, not text"
+                     f"{'; first at ' + where if where else ''}: every row's {column!r} must be a string (or name "
+                     "another column)")
+
+
+def _first_non_string(files: list[str], column: str) -> str | None:
+    for f in files:
+        if BUILDERS.get(Path(f).suffix.lower()) != "json":
+            return f
+        try:
+            with open(f, encoding="utf-8") as lines:
+                for number, line in enumerate(lines, 1):
+                    record = json.loads(line) if line.strip() else {}
+                    value = record.get(column) if isinstance(record, dict) else None
+                    if value is not None and not isinstance(value, str):
+                        return f"{f}, line {number}: {json.dumps(value)[:40]} ({_json_type(value)})"
+        except (OSError, ValueError):  # a JSON document rather than lines: the file is as precise as it gets
+            return f
+    return None
+
+
+def _local_files(source: Any, argument: str) -> list[str] | None:
+    if isinstance(source, (str, Path)) and source != STDLIB and Path(source).expanduser().exists():
+        return _files_and_builder(Path(source).expanduser(), argument)[0]
+    return None
 
 
 def _first_split(d, names: tuple[str, ...]):
@@ -183,11 +392,14 @@ def load_corpus(source: Any = None, *, text_column_name: str | None = None, eval
     if len(train) == 0:
         raise ValueError(f"data: the dataset {_describe(source)} has no rows")
     column = text_column(train, text_column_name)
+    require_text(train, column, argument="text_column" if text_column_name else "data",
+                 files=_local_files(source, "data"))
     if eval_source is not None:
         extra = load_source(eval_source, argument="eval_data")
         held = (_first_split(extra, ("validation", "valid", "test", "train")) or next(iter(extra.values()))) \
             if isinstance(extra, DatasetDict) else extra
         text_column(held, column, argument="text_column (in eval_data)")
+        require_text(held, column, argument="eval_data", files=_local_files(eval_source, "eval_data"))
     elif held is None and (source is None or source == STDLIB):
         is_held = [held_out_by_file(p, held_out_fraction) for p in train["path"]]
         held = train.select([i for i, h in enumerate(is_held) if h])
@@ -249,6 +461,7 @@ def token_blocks(dataset, tokenizer, block_size: int, *, column: str = "text", m
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
     text_column(dataset, column)
+    require_text(dataset, column, argument=desc)
     if len(dataset) == 0:
         raise ValueError(f"{desc}: the dataset has no rows")
     dataset = limit_chars(dataset, column, max_chars)

@@ -103,6 +103,8 @@ def cli(*args, timeout=120):
         (["bench", "--sparsities", "0.5,1.5"], "--sparsities"),
         (["bench", "--shapes", "576by1536"], "--shapes"),
         (["sparsity", "--model", "MISSING", "--target-cett", "-0.1"], "--target-cett"),
+        (["relufy", "--model", "MISSING", "--lr", "inf"], "--lr"),
+        (["relufy", "--model", "MISSING", "--seed", "-1"], "--seed"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag_before_any_model_loads(args, flag):

@@ -92,6 +92,63 @@ def test_bad_sources_raise_naming_the_argument(tmp_path):
         data.load_corpus(42)
 
 
+def _bad_files(folder: Path) -> list[tuple[Path, str]]:
+    """(source, the ValueError's message as a regex) for each way a local file can be unreadable."""
+    rows = "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(3))
+    (folder / "bad.jsonl").write_text(rows + "{not json\n" + rows)
+    (folder / "latin.txt").write_bytes(b"line one\nline two caf" + "é\n".encode("latin-1"))
+    (folder / "mixed").mkdir()
+    (folder / "mixed" / "a.txt").write_text("hello")
+    (folder / "mixed" / "b.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    (folder / "empty.jsonl").write_text("")
+    (folder / "blank.jsonl").write_text("\n\n")
+    (folder / "numbers.jsonl").write_text(rows + json.dumps({"text": 7}) + "\n")
+    (folder / "lists.jsonl").write_text("".join(json.dumps({"text": ["a", "b"]}) + "\n" for _ in range(3)))
+    (folder / "scalar.jsonl").write_text(rows + '"just a string"\n')
+    (folder / "bad.csv").write_text('text,id\n"a,1\n')
+    (folder / "bad.parquet").write_text("not parquet")
+    return [(folder / "bad.jsonl", r"bad.jsonl: line 4: not valid JSON"),
+            (folder / "latin.txt", r"latin.txt: line 2: not UTF-8 text \(byte 0xe9 at byte 21\)"),
+            (folder / "mixed", r"mixed/b.txt: a binary file, not text"),
+            (folder / "empty.jsonl", r"empty.jsonl: the file is empty"),
+            (folder / "blank.jsonl", r"blank.jsonl: the file is empty"),
+            (folder / "numbers.jsonl", r"'text' column holds mixed-kind values, not text; first at .*numbers.jsonl, "
+                                       r"line 4: 7 \(a number\)"),
+            (folder / "lists.jsonl", r"'text' column holds list values, not text; first at .*lists.jsonl, line 1"),
+            (folder / "scalar.jsonl", r"scalar.jsonl: line 4: a string, not an object"),
+            (folder / "bad.csv", r"bad.csv: not valid CSV"),
+            (folder / "bad.parquet", r"bad.parquet: not a Parquet file")]
+
+
+def test_unreadable_files_raise_value_error_naming_file_and_line(tmp_path):
+    (tmp_path / "good").mkdir()
+    for i in range(3):
+        (tmp_path / "good" / f"{i}.txt").write_text(f"text {i}")
+    for source, message in _bad_files(tmp_path):
+        with pytest.raises(ValueError, match=f"^data: .*{message}") as error:
+            data.load_corpus(str(source))
+        assert str(tmp_path) in str(error.value), error.value
+        with pytest.raises(ValueError, match=f"^eval_data: .*{message}"):
+            data.load_corpus(str(tmp_path / "good"), eval_source=str(source))
+
+
+def test_symlinked_subfolders_are_followed_once(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    for i in range(4):
+        (tmp_path / "elsewhere" / f"{i}.txt").write_text(f"linked row {i}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "own.txt").write_text("own row")
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "data" / "again").symlink_to(tmp_path / "elsewhere")  # the same folder twice: read once
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data")  # a loop: ends
+    (tmp_path / "data" / ".hidden").symlink_to(tmp_path / "elsewhere")  # hidden names stay skipped
+    corpus = data.load_corpus(str(tmp_path / "data"), held_out_fraction=0)
+    assert sorted(corpus.train["text"]) == ["linked row 0", "linked row 1", "linked row 2", "linked row 3", "own row"]
+    (tmp_path / "data" / "dangling.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(ValueError, match=r"data: .*dangling.txt' is a broken symbolic link"):
+        data.load_corpus(str(tmp_path / "data"), held_out_fraction=0)
+
+
 def test_packing_is_the_concatenated_token_stream_cut_into_blocks(tmp_path, tokenizer):
     texts = write_text_folder(tmp_path / "docs", n=4)
     corpus = data.load_corpus(str(tmp_path / "docs"), held_out_fraction=0)
@@ -199,7 +256,9 @@ def test_relufy_data_errors_name_the_flag(tmp_path, tiny_model, capsys):
              (["--data", str(tmp_path / "train.jsonl"), "--text-column", "nope"],
               "--text-column: no column 'nope' in the dataset; its columns are text, id"),
              (["--data", str(tmp_path / "train.jsonl"), "--block-size", "100000"],
-              "--data: the text is shorter than one block")]
+              "--block-size: 100000 tokens is longer than the model's context (128 positions"),
+             (["--data", str(tmp_path / "train.jsonl"), "--eval-window", "129"],
+              "--eval-window: 129 tokens is longer than the model's context")]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_:
             main(relufy_args(tiny_model, tmp_path / "out", *extra))

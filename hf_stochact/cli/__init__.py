@@ -34,24 +34,45 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-stochact", description="Stochastic activations for transformers models")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    parsers = {}
-    for name, (module, cls_name, help_text) in COMMANDS.items():
-        cls = getattr(importlib.import_module(module), cls_name)
-        parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(parsers[name], cls)
-    args = parser.parse_args(argv)
-    module_name, cls_name, _ = COMMANDS[args.command]
-    module = importlib.import_module(module_name)
-    cls = getattr(module, cls_name)
-    cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    """Run ``hf-stochact`` with ``argv`` (default: ``sys.argv[1:]``); returns 0.
+
+    Errors end the command through ``SystemExit``: a bad value, ``hf-stochact <command>: error: --flag: ...`` on
+    one line with status 2 (argparse's convention); Ctrl-C, ``hf-stochact <command>: interrupted`` with status
+    130; a failure of the machine rather than of an argument (a full disk, out of memory), one line with status 1
+    (``HF_STOCHACT_TRACEBACK=1`` shows the traceback instead).
+    """
+    prog = "hf-stochact"
     try:
-        validate(cfg)  # every value, before any model is loaded
-        module.run(cfg)
-    except UsageError as error:  # also raised while loading a model the checks could not vet (e.g. bad weights)
-        parsers[args.command].error(str(error))
+        parser = argparse.ArgumentParser(prog=prog, description="Stochastic activations for transformers models")
+        parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+        sub = parser.add_subparsers(dest="command", required=True)
+        parsers = {}
+        for name, (module, cls_name, help_text) in COMMANDS.items():
+            cls = getattr(importlib.import_module(module), cls_name)
+            parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+            add_arguments(parsers[name], cls)
+        args = parser.parse_args(argv)
+        prog = parsers[args.command].prog
+        module_name, cls_name, _ = COMMANDS[args.command]
+        module = importlib.import_module(module_name)
+        cls = getattr(module, cls_name)
+        cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        try:
+            validate(cfg)  # every value, before any model is loaded
+            module.run(cfg)
+        except UsageError as error:  # also raised while loading a model the checks could not vet (e.g. bad weights)
+            parsers[args.command].error(_one_line(str(error)))
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)  # a new line: a progress bar may hold the current one
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # `hf-stochact generate ... | head`: the reader left; no message, no flush error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
+    except _machine_errors() as error:
+        if os.environ.get("HF_STOCHACT_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {_failure(error)}", file=sys.stderr)
+        raise SystemExit(1) from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # One process of `accelerate launch` / torchrun, done (the Trainer destroyed the process group). Leave
         # without interpreter finalization: gloo's process-group destructor, run there while DDP's reducer still
@@ -60,6 +81,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _machine_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the machine, not of an argument: a full disk, a missing permission, memory."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
+    return OSError, MemoryError, oom
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _failure(error: BaseException) -> str:
+    if not isinstance(error, OSError):
+        return "out of memory: lower the batch, block or model size (HF_STOCHACT_TRACEBACK=1 for the traceback)"
+    return _one_line(f"{type(error).__name__}: {error}") + " (HF_STOCHACT_TRACEBACK=1 for the traceback)"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -66,6 +68,10 @@ def one_of(*allowed: str) -> Check:
     return lambda value: None if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
 
 
+#: A seed every random generator a run seeds accepts (numpy's is the narrowest: [0, 2**32 - 1]).
+seed_range = in_range(0, 2**32 - 1)
+
+
 def comma_list(item: Check, convert: Callable[[str], Any] = float) -> Check:
     def check(value: str) -> str | None:
         try:
@@ -73,7 +79,7 @@ def comma_list(item: Check, convert: Callable[[str], Any] = float) -> Check:
         except ValueError:
             return f"must be a comma-separated list, got {value!r}"
         for v in items:
-            error = item(v)
+            error = _not_finite(v) or item(v)
             if error:
                 return f"item {v}: {error}"
         return None
@@ -86,6 +92,65 @@ def shape_list(value: str) -> str | None:
         parts = shape.lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             return f"must be comma-separated shapes like 576x1536, got {shape!r}"
+    return None
+
+
+def output_folder(value: str) -> str | None:
+    """A folder the command may write into: missing (it is created), or an existing folder; never a file, and
+    inside a folder this user can write to."""
+    if not value:
+        return "must name a folder"
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        return f"{value!r} is a file, not a folder: name a folder (it is created if missing)"
+    return _writable_ancestor(path, value)
+
+
+def output_file(create_folder: bool) -> Check:
+    """A file (or ``<path>.json``/``.png`` prefix) the command writes at the end: not a folder; its folder exists
+    (or, with ``create_folder``, can be created) and is writable. Empty = no output, fine."""
+
+    def check(value: str) -> str | None:
+        if not value:
+            return None
+        path = Path(value)
+        if path.is_dir():
+            return f"{value!r} is a folder: name a file in it"
+        if not create_folder and not path.parent.is_dir():
+            return f"no folder {str(path.parent)!r} to write {path.name!r} into: create it first (mkdir -p " \
+                   f"{path.parent}) or name a file in an existing folder"
+        return _writable_ancestor(path.parent, value)
+
+    return check
+
+
+def _writable_ancestor(path: Path, value: str) -> str | None:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{str(existing)!r} is a file, so {value!r} cannot be written"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {str(existing)!r}"
+    return None
+
+
+def _not_finite(value: Any) -> str | None:
+    return f"must be a finite number, got {value}" if isinstance(value, float) and not math.isfinite(value) else None
+
+
+def _not_utf8(value: Any) -> str | None:
+    """Arguments that are not valid UTF-8 reach Python as lone surrogates (surrogateescape); nothing downstream
+    (tokenizers, JSON reports, model cards) can encode them."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        char = ord(value[error.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        return f"is not valid UTF-8 text ({byte} at position {error.start}): pass UTF-8 text (check the " \
+               "terminal's or the file's encoding)"
     return None
 
 
@@ -109,17 +174,18 @@ def _metavar(f: dataclasses.Field) -> str:
 
 
 def validate(cfg: Any) -> None:
-    """Run every field's check, then ``cfg.check()`` if the config has one.
+    """Run the checks every field gets (a float is finite, text is valid UTF-8), every field's own check, then
+    ``cfg.check()`` if the config has one.
 
     Raises:
         UsageError: the first bad value, naming its flag.
     """
     for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
         check = f.metadata.get("check")
-        if check is not None:
-            error = check(getattr(cfg, f.name))
-            if error:
-                raise UsageError(flag_name(f.name), error)
+        error = _not_finite(value) or _not_utf8(value) or (check(value) if check is not None else None)
+        if error:
+            raise UsageError(flag_name(f.name), error)
     own = getattr(cfg, "check", None)
     if callable(own):
         own()

@@ -22,7 +22,19 @@ import torch
 from torch import nn
 
 from ..inference.sparse import sparsify, unsparsify
-from .args import at_least, comma_list, in_range, non_negative, one_of, option, probability, shape_list, validate
+from .args import (
+    UsageError,
+    at_least,
+    comma_list,
+    in_range,
+    non_negative,
+    one_of,
+    option,
+    output_file,
+    probability,
+    shape_list,
+    validate,
+)
 from .loading import load_causal_lm, resolve_model
 
 
@@ -42,10 +54,13 @@ class BenchConfig:
     model: str = option("", "benchmark decode tokens/s of this model folder (or --gguf) instead of MLPs")
     gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
     new_tokens: int = option(64, "tokens decoded per timed generate call (with --model)", check=at_least(1))
-    out: str = option("", "also write the microbenchmark table (markdown) to this file")
+    out: str = option("", "also write the microbenchmark table (markdown) to this file (in an existing folder)",
+                      check=output_file(create_folder=False))
 
     def check(self) -> None:
         resolve_model(self.model, self.gguf, required=False)
+        if self.out and (self.model or self.gguf):
+            raise UsageError("--out", "writes the microbenchmark table, which --model/--gguf replaces: leave out one")
 
 
 def ideal(s: float) -> float:
@@ -135,6 +150,11 @@ def model_bench(cfg: BenchConfig, progress=print) -> dict:
     torch.set_num_threads(cfg.threads)
     tok, model = load_causal_lm(cfg.model, cfg.gguf, command="bench --model")
     model.eval()
+    try:
+        sparsify(model)  # nothing to skip (no ReLU FFN): say so before timing anything
+    except ValueError as error:
+        raise UsageError("--gguf" if cfg.gguf else "--model", str(error)) from error
+    unsparsify(model)
     ids = tok("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", return_tensors="pt").input_ids
     gen = dict(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False,
                pad_token_id=tok.pad_token_id or tok.eos_token_id)

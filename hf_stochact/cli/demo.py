@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -27,7 +28,7 @@ from ..inference.sparse import sparse_stats, sparsify, unsparsify
 from ..integration.config import CONFIG_KEY, stochastic_modules
 from ..layouts import ffn_activations
 from ..training.schedule import StochActSchedule
-from .args import UsageError, at_least, option, positive, probability, validate
+from .args import UsageError, at_least, option, output_folder, positive, probability, seed_range, validate
 
 
 @dataclass
@@ -50,10 +51,10 @@ class DemoConfig:
     text_column: str = option("", "column holding the text (default: 'text', or the only string column)")
     train_chars: int = option(3_000_000, "characters of the training text used", check=at_least(10_000))
     eval_blocks: int = option(64, "held-out blocks for loss, perplexity and sparsity", check=at_least(1))
-    seed: int = option(0, "random seed of the run")
+    seed: int = option(0, "random seed of the run", check=seed_range)
     prompt_tokens: int = option(24, "held-out prompt length for the decoding demo", check=at_least(1))
     new_tokens: int = option(24, "tokens decoded in the decoding demo", check=at_least(1))
-    output_dir: str = option("runs/demo", "where the final model is saved (<output-dir>/final)")
+    output_dir: str = option("runs/demo", "where the final model is saved (<output-dir>/final)", check=output_folder)
 
     def check(self) -> None:
         if self.prompt_tokens + self.new_tokens > self.block_size:
@@ -62,6 +63,11 @@ class DemoConfig:
                                                 "the model's context")
         if self.hidden_size % self.heads:
             raise UsageError("--heads", f"must divide --hidden-size ({self.hidden_size}), got {self.heads}")
+        final = Path(self.output_dir) / "final"
+        if final.exists() and not final.is_dir():
+            raise UsageError("--output-dir", f"{str(final)!r} is a file; the model is saved in that folder")
+        if data.missing_path(self.data):
+            raise UsageError("--data", f"no such file or folder: {self.data!r}")
 
 
 def build_corpus(cfg: DemoConfig):
@@ -132,7 +138,7 @@ def evaluate(model, blocks: torch.Tensor, modes: dict[str, bool], seed: int = 0)
         torch.manual_seed(seed)
         loss = held_out_loss(model, blocks)
         sparsity = measure_sparsity(model, blocks).overall
-        report[label] = {"loss": loss, "ppl": math.exp(loss), "sparsity": sparsity}
+        report[label] = {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf, "sparsity": sparsity}
     model.train(was_training)
     return report
 
@@ -175,6 +181,10 @@ def run(cfg: DemoConfig) -> dict:
     print("[4/5] held-out evaluation")
     report = dict(before.report)
     report.update(evaluate(model, held, {"after ReLU fine-tune (final)": False}, cfg.seed))
+    final = report["after ReLU fine-tune (final)"]["loss"]
+    if not math.isfinite(final):  # never replace a saved model with a broken one
+        raise UsageError("--lr", f"training diverged: held-out loss {final} after training; nothing was saved: "
+                                 f"lower --lr (now {cfg.lr})")
     final_dir = f"{cfg.output_dir}/final"
     model.save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)

@@ -28,7 +28,7 @@ from ..analysis.metrics import perplexity
 from ..inference.sparse import sparse_stats, sparsify, unsparsify
 from ..inference.thresholds import ALLOCATIONS, Thresholds, calibrate_thresholds
 from ..training.schedule import set_activation
-from .args import at_least, comma_list, fraction_below_one, one_of, option, validate
+from .args import at_least, comma_list, fraction_below_one, one_of, option, output_file, validate
 from .loading import load_causal_lm, resolve_model
 from .relufy import RelufyConfig, eval_ids
 
@@ -53,7 +53,8 @@ class FrontierConfig:
     threads: int = option(2, "torch threads", check=at_least(1))
     dtype: str = option("float32", "weight dtype of every point (float32, bfloat16: the loops read both)",
                         check=one_of("float32", "bfloat16"))
-    out: str = option("docs/frontier", "write <out>.json and <out>.png")
+    out: str = option("docs/frontier", "write <out>.json and <out>.png (the folder is created)",
+                      check=output_file(create_folder=True))
 
     def check(self) -> None:
         resolve_model(self.model, self.gguf)

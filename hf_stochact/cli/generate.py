@@ -7,8 +7,8 @@ import dataclasses
 import torch
 
 from .. import integration  # noqa: F401  (generate accepts stochastic_activation once installed)
-from .args import at_least, non_negative, option, probability, validate
-from .loading import load_causal_lm, resolve_model
+from .args import UsageError, at_least, non_negative, option, probability, seed_range, validate
+from .loading import load_causal_lm, load_tokenizer, resolve_model
 
 
 @dataclasses.dataclass
@@ -26,23 +26,38 @@ class GenerateConfig:
                                      "from the activations alone)", check=non_negative)
     chat: bool | None = option(None, "wrap the prompt in the tokenizer's chat template (default: yes when the "
                                      "tokenizer has one, as instruct models do; --no-chat for raw text)", flag=True)
-    seed: int = option(0, "torch seed for the draws and the sampling")
+    seed: int = option(0, "torch seed for the draws and the sampling", check=seed_range)
 
     def check(self) -> None:
         resolve_model(self.model, self.gguf)
 
 
-def run(cfg: GenerateConfig) -> list[str]:
-    validate(cfg)
-    tok, model = load_causal_lm(cfg.model, cfg.gguf, command="generate")
-    model.eval()
-    chat = cfg.chat if cfg.chat is not None else bool(getattr(tok, "chat_template", None))
+def prompt_ids(tok, prompt: str, chat: bool) -> torch.Tensor:
+    """The prompt's token ids [1, T] (through the chat template with ``chat``). Raises :class:`UsageError` for a
+    prompt with no tokens: the model needs at least one to continue."""
     if chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
-                                      return_tensors="pt")
+        try:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt")
+        except Exception as error:  # noqa: BLE001 - a broken template (jinja) fails in many ways
+            raise UsageError("--chat", f"the tokenizer's chat template failed: {type(error).__name__}: "
+                                       f"{error}; pass --no-chat for the raw prompt") from error
         ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
     else:
-        ids = tok(cfg.prompt, return_tensors="pt").input_ids
+        ids = tok(prompt, return_tensors="pt").input_ids
+    if ids.shape[-1] == 0:
+        raise UsageError("--prompt", f"{prompt!r} has no tokens{'' if chat else ' (and --no-chat adds none)'}: "
+                                     "give the model some text to continue")
+    return ids
+
+
+def run(cfg: GenerateConfig) -> list[str]:
+    validate(cfg)
+    tok = load_tokenizer(cfg.model, cfg.gguf, command="generate")
+    chat = cfg.chat if cfg.chat is not None else bool(getattr(tok, "chat_template", None))
+    ids = prompt_ids(tok, cfg.prompt, chat)
+    _, model = load_causal_lm(cfg.model, cfg.gguf, command="generate", tokenizer=tok)
+    model.eval()
     ids = ids.repeat(cfg.k, 1)  # one row per completion: each row draws its own activation masks
     sampling = dict(do_sample=True, temperature=cfg.temperature) if cfg.temperature > 0 else dict(do_sample=False)
     torch.manual_seed(cfg.seed)

@@ -7,6 +7,7 @@ folder is the model folder). Errors are :class:`~hf_stochact.cli.args.UsageError
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -57,9 +58,25 @@ def resolve_model(model: str, gguf: str = "", *, model_flag: str = "--model", gg
     return str(folder), ""
 
 
-def load_causal_lm(model: str, gguf: str = "", command: str = "this command", *, model_flag: str = "--model",
+def load_tokenizer(model: str, gguf: str = "", command: str = "this command", *, model_flag: str = "--model",
                    gguf_flag: str = "--gguf"):
-    """(tokenizer, float32 model) from the folder ``model``, or from the GGUF file ``gguf`` (in ``model`` or a path).
+    """The tokenizer of the folder ``model`` or the GGUF file ``gguf`` (quick: check a prompt before loading the
+    weights).
+
+    Raises:
+        UsageError: see :func:`resolve_model`, or the tokenizer could not be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_model(model, gguf, model_flag=model_flag, gguf_flag=gguf_flag)
+    with _loading(folder, gguf, command, model_flag, gguf_flag):
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+
+
+def load_causal_lm(model: str, gguf: str = "", command: str = "this command", *, model_flag: str = "--model",
+                   gguf_flag: str = "--gguf", tokenizer=None):
+    """(tokenizer, float32 model) from the folder ``model``, or from the GGUF file ``gguf`` (in ``model`` or a path);
+    ``tokenizer``: one already loaded by :func:`load_tokenizer`.
 
     GGUF weights are dequantized to plain float32 ``nn.Linear`` parameters on load, but transformers keeps the GGUF
     quantizer marker on the model, which makes ``Trainer`` refuse to fine-tune it and ``save_pretrained`` refuse to
@@ -69,20 +86,33 @@ def load_causal_lm(model: str, gguf: str = "", command: str = "this command", *,
         UsageError (a ``ValueError``): see :func:`resolve_model`, or the files could not be loaded (the message
             names ``command``, the flag and the reason).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model, gguf, command, model_flag=model_flag, gguf_flag=gguf_flag)
     folder, gguf = resolve_model(model, gguf, model_flag=model_flag, gguf_flag=gguf_flag)
     kwargs = {"gguf_file": gguf} if gguf else {}
     flag = gguf_flag if gguf else model_flag
     source = f"{folder}/{gguf}" if gguf else folder
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    with _loading(folder, gguf, command, model_flag, gguf_flag):
         lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True, **kwargs)
-    except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear line
-        raise UsageError(flag, f"{command} could not load {source}: {type(error).__name__}: "
-                               f"{str(error).splitlines()[0] if str(error) else ''}") from error
     if gguf:
         if not all(p.dtype == torch.float32 for p in lm.parameters()):
             raise UsageError(flag, f"{source}: expected dequantized float32 weights")
         make_serializable(lm)
     return tokenizer, lm
+
+
+@contextlib.contextmanager
+def _loading(folder: str, gguf: str, command: str, model_flag: str, gguf_flag: str):
+    """Any failure to load the files becomes one :class:`UsageError` line naming the flag."""
+    try:
+        yield
+    except (UsageError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear line
+        source = f"{folder}/{gguf}" if gguf else folder
+        first = str(error).strip().splitlines()
+        raise UsageError(gguf_flag if gguf else model_flag, f"{command} could not load {source}: "
+                                                            f"{type(error).__name__}{': ' + first[0] if first else ''}"
+                         ) from error

@@ -53,8 +53,10 @@ from .args import (
     fraction_below_one,
     non_negative,
     option,
+    output_folder,
     positive,
     probability,
+    seed_range,
     validate,
 )
 from .loading import load_causal_lm, resolve_model
@@ -75,7 +77,7 @@ class RelufyConfig:
     num_proc: int = option(0, "processes for tokenising (datasets' num_proc; 0 = in this process)",
                            check=non_negative)
     output_dir: str = option("runs/relufied", "where the relufied model, its model card and relufy_report.json "
-                                              "are saved")
+                                              "are saved (only if training did not diverge)", check=output_folder)
     steps: int = option(150, "optimizer steps to fine-tune", check=at_least(1))
     batch_size: int = option(4, "sequences per micro-batch (per process)", check=at_least(1))
     block_size: int = option(256, "tokens per training sequence", check=at_least(8))
@@ -105,8 +107,9 @@ class RelufyConfig:
                                            "(excluded from training) on which perplexity is measured")
     eval_chars: int = option(50_000, "characters of held-out text scored", check=at_least(1))
     eval_window: int = option(512, "tokens per perplexity window (non-overlapping)", check=at_least(2))
-    push_to_hub: str = option("", "also upload the relufied folder to this hub repo (the Trainer's push_to_hub)")
-    seed: int = option(0, "random seed of the run")
+    push_to_hub: str = option("", "also upload the relufied folder to this hub repo, NAME or USER/NAME (the "
+                                  "Trainer's push_to_hub)", check=lambda value: hub_repo(value))
+    seed: int = option(0, "random seed of the run", check=seed_range)
 
     @property
     def default_data(self) -> bool:
@@ -121,31 +124,45 @@ class RelufyConfig:
             raise UsageError("--eval-file", f"no file {self.eval_file!r} in CPython's standard library at "
                                             f"{data.stdlib_root()}")
         for flag, value in (("--data", self.data), ("--eval-data", self.eval_data)):
-            looks_local = value.startswith((".", "/", "~")) or Path(value).suffix in {".txt", ".json", ".jsonl",
-                                                                                      ".parquet", ".csv"}
-            if value and looks_local and not Path(value).expanduser().exists():
+            if data.missing_path(value):
                 raise UsageError(flag, f"no such file or folder: {value!r}")
+
+
+def hub_repo(value: str) -> str | None:
+    """A hub repo id (``NAME`` or ``USER/NAME``), or empty."""
+    if not value:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as error:
+        return f"not a hub repo id: {str(error).splitlines()[0]}"
+    return None
 
 
 _DATA_FLAGS = {"data": "--data", "eval_data": "--eval-data", "text_column": "--text-column",
                "held_out_fraction": "--held-out-fraction", "block_size": "--block-size"}
 
 
-def as_usage_error(error: ValueError) -> UsageError:
-    """A data error (``"data: ..."``, ``"text_column: ..."``) as the CLI's error naming the flag."""
+def as_usage_error(error: ValueError, flags: dict[str, str] | None = None) -> UsageError:
+    """A data error (``"data: ..."``, ``"text_column: ..."``) as the CLI's error naming the flag (``flags``
+    overrides the argument -> flag table, for commands whose flags differ)."""
+    table = {**_DATA_FLAGS, **(flags or {})}
     head, _, rest = str(error).partition(": ")
     key = head.split(" ")[0]
-    return UsageError(_DATA_FLAGS[key], rest) if key in _DATA_FLAGS and rest else UsageError("--data", str(error))
+    return UsageError(table[key], rest) if key in table and rest else UsageError(table["data"], str(error))
 
 
-def corpus_for(cfg: RelufyConfig) -> data.Corpus:
-    """Train / held-out text named by ``cfg`` (raises :class:`UsageError` naming the flag)."""
+def corpus_for(cfg: RelufyConfig, flags: dict[str, str] | None = None) -> data.Corpus:
+    """Train / held-out text named by ``cfg`` (raises :class:`UsageError` naming the flag; ``flags``: see
+    :func:`as_usage_error`)."""
     try:
         return data.load_corpus(None if cfg.default_data else cfg.data, text_column_name=cfg.text_column or None,
                                 eval_source=cfg.eval_data or None, held_out_fraction=cfg.held_out_fraction,
                                 seed=cfg.seed)
     except ValueError as error:
-        raise as_usage_error(error) from error
+        raise as_usage_error(error, flags) from error
 
 
 def _stdlib_eval(cfg: RelufyConfig, corpus: data.Corpus | None) -> bool:
@@ -186,14 +203,15 @@ def load_model(cfg: RelufyConfig):
     return load_causal_lm(cfg.model, cfg.gguf, command="relufy")
 
 
-def eval_ids(tokenizer, cfg: RelufyConfig, corpus: data.Corpus | None = None) -> torch.Tensor:
+def eval_ids(tokenizer, cfg: RelufyConfig, corpus: data.Corpus | None = None, *,
+             window_flag: str = "--eval-window") -> torch.Tensor:
     """The held-out text's token ids (:func:`held_out_text`), cut into non-overlapping windows of ``eval_window``
     tokens ([N, W])."""
     text, what = held_out_text(cfg, corpus)
     try:
         return data.windows(tokenizer, text, cfg.eval_window, what=f"--eval-chars={cfg.eval_chars} of {what}")
     except ValueError as error:
-        raise UsageError("--eval-chars", f"{error} (raise --eval-chars or lower --eval-window)") from error
+        raise UsageError("--eval-chars", f"{error} (raise --eval-chars or lower {window_flag})") from error
 
 
 def schedule_for(cfg: RelufyConfig) -> StochActSchedule:
@@ -211,6 +229,14 @@ def load_teacher(cfg: RelufyConfig) -> nn.Module | None:
                                 model_flag="--teacher", gguf_flag="--teacher-gguf")
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def held_out_perplexity(model: nn.Module, windows: torch.Tensor, progress: bool) -> tuple[float, dict[str, float]]:
+    """:func:`~hf_stochact.analysis.metrics.perplexity`, with ``inf`` where the mean loss overflows ``exp``."""
+    try:
+        return perplexity(model, windows, progress=progress)
+    except OverflowError:
+        return math.inf, {}
 
 
 def _say(main: bool):
@@ -243,12 +269,14 @@ def run(cfg: RelufyConfig) -> dict:
     teacher = load_teacher(cfg)
     say(f"[1/5] loading {cfg.model} {cfg.gguf}")
     tokenizer, model = load_model(cfg)
-    if cfg.target_sparsity > 0:
-        GateShift(model).check_foldable()
+    check_model(cfg, model, teacher)
     windows = eval_ids(tokenizer, cfg, corpus)
     eval_what = held_out_description(cfg, corpus)
     say(f"[2/5] perplexity before (original activation) on {len(windows)} x {cfg.eval_window} tokens of {eval_what}")
-    ppl_before, _ = perplexity(model, windows, progress=main)
+    ppl_before, _ = held_out_perplexity(model, windows, progress=main)
+    if not math.isfinite(ppl_before):
+        raise UsageError("--gguf" if cfg.gguf else "--model", f"the model's held-out perplexity is {ppl_before} "
+                                                              "before any training: its weights are broken")
     say(f"      ppl {ppl_before:.3f}")
     with args.main_process_first(desc="tokenising"):
         train = train_blocks(cfg, corpus, tokenizer)
@@ -265,7 +293,11 @@ def run(cfg: RelufyConfig) -> dict:
     trainer.train()
     ranks = rank_agreement(model, callbacks[0], world)
     say("[4/5] perplexity after (ReLU)")
-    ppl_after, per_layer = perplexity(model, windows, progress=main)
+    ppl_after, per_layer = held_out_perplexity(model, windows, progress=main)
+    if not math.isfinite(ppl_after):  # never replace what --output-dir holds with a broken model
+        raise UsageError("--lr", f"training diverged: held-out perplexity {ppl_after} after fine-tuning (before: "
+                                 f"{ppl_before:.3f}); nothing was saved, {str(out_dir)!r} is as it was: lower --lr "
+                                 f"(now {cfg.lr}){f' or --l1 (now {cfg.l1})' if cfg.l1 else ''}")
     sparsity = sum(per_layer.values()) / len(per_layer)
     say(f"      ppl {ppl_after:.3f} ({ppl_after / ppl_before - 1:+.1%}), FFN sparsity {sparsity:.1%}")
     say(f"[5/5] saving to {out_dir}")
@@ -287,11 +319,40 @@ def run(cfg: RelufyConfig) -> dict:
         say(summary_table(report))
     if cfg.push_to_hub:
         say(f"      pushing {out_dir} to the hub repo {cfg.push_to_hub}")
-        trainer.push_to_hub(commit_message=f"relufied with hf_stochact: ppl {ppl_before:.2f} -> {ppl_after:.2f}, "
-                                           f"FFN sparsity {sparsity:.0%}")
+        try:
+            trainer.push_to_hub(commit_message=f"relufied with hf_stochact: ppl {ppl_before:.2f} -> "
+                                               f"{ppl_after:.2f}, FFN sparsity {sparsity:.0%}")
+        except Exception as error:  # noqa: BLE001 - offline, not logged in, no access: the model is safe on disk
+            first = str(error).strip().splitlines()
+            raise UsageError("--push-to-hub", f"the model was saved to {str(out_dir)!r}, but uploading it to "
+                                              f"{cfg.push_to_hub!r} failed: {type(error).__name__}"
+                                              f"{': ' + first[0] if first else ''} (upload the folder later, e.g. "
+                                              "`hf upload`)") from error
     if world > 1:
         trainer.end()  # every rank is done communicating: the Trainer destroys the process group
     return report
+
+
+def check_model(cfg: RelufyConfig, model: nn.Module, teacher: nn.Module | None) -> None:
+    """What can only be checked once the models are loaded (raises :class:`UsageError` naming the flag)."""
+    flag = "--gguf" if cfg.gguf else "--model"
+    context = getattr(model.config, "max_position_embeddings", None)
+    for option_flag, tokens in (("--block-size", cfg.block_size), ("--eval-window", cfg.eval_window)):
+        if context and tokens > context:
+            raise UsageError(option_flag, f"{tokens} tokens is longer than the model's context "
+                                          f"({context} positions, max_position_embeddings): at most {context}")
+    if cfg.target_sparsity > 0:
+        try:
+            GateShift(model).check_foldable()
+        except ValueError as error:
+            raise UsageError("--target-sparsity", str(error)) from error
+    if teacher is not None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+        if vocab != teacher_vocab:
+            raise UsageError("--teacher-gguf" if cfg.teacher_gguf else "--teacher",
+                             f"the teacher predicts {teacher_vocab} tokens, the model ({flag}) {vocab}: distillation "
+                             "needs the same tokenizer")
 
 
 def weights_digest(model: nn.Module) -> str:

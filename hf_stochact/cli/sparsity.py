@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..analysis.metrics import sparsity_report
-from .args import at_least, option, probability, validate
+from .args import UsageError, at_least, option, output_file, probability, validate
 from .loading import load_causal_lm
 from .relufy import RelufyConfig, corpus_for, eval_ids
 
@@ -29,7 +29,8 @@ class SparsityConfig:
     max_windows: int = option(8, "at most this many windows", check=at_least(1))
     target_cett: float = option(0.2, "CETT budget for the magnitude-threshold sparsity (ReLU² Wins)",
                                 check=probability)
-    out: str = option("", "write <out>.json and <out>.png (per-layer table and plot)")
+    out: str = option("", "write <out>.json and <out>.png (per-layer table and plot; the folder is created; the "
+                          "plot needs matplotlib)", check=output_file(create_folder=True))
     label: str = option("", "name of the model in the report (default: the folder or file name)")
 
     def relufy_config(self) -> RelufyConfig:
@@ -39,15 +40,24 @@ class SparsityConfig:
                             eval_window=self.window)
 
     def check(self) -> None:
-        self.relufy_config().check()
+        try:
+            self.relufy_config().check()
+        except UsageError as error:  # relufy's --eval-data is this command's --data
+            raise UsageError("--data" if error.flag == "--eval-data" else error.flag, error.message) from error
+        if self.out:
+            try:
+                import matplotlib  # noqa: F401 - checked now, not after the model has been measured
+            except ImportError as error:
+                raise UsageError("--out", "the plot needs matplotlib: pip install 'hf_stochact[examples]' (or "
+                                          "leave out --out)") from error
 
 
 def run(cfg: SparsityConfig) -> dict:
     validate(cfg)
     rcfg = cfg.relufy_config()
-    corpus = corpus_for(rcfg) if cfg.data else None
+    corpus = corpus_for(rcfg, flags={"eval_data": "--data"}) if cfg.data else None
     tokenizer, model = load_causal_lm(cfg.model, cfg.gguf, command="sparsity")
-    ids = eval_ids(tokenizer, rcfg, corpus)[: cfg.max_windows]
+    ids = eval_ids(tokenizer, rcfg, corpus, window_flag="--window")[: cfg.max_windows]
     report = sparsity_report(model, ids, target_cett=cfg.target_cett)
     keys = list(next(iter(report.values())))
     mean = {k: sum(r[k] for r in report.values()) / len(report) for k in keys}
