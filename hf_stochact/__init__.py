@@ -37,6 +37,8 @@ _LAZY = {
     "SparsityMonitor": ".analysis.metrics",
     "measure_sparsity": ".analysis.metrics",
     "perplexity": ".analysis.metrics",
+    "Uncertainty": ".analysis.uncertainty",
+    "uncertainty": ".analysis.uncertainty",
     "SparseConfig": ".inference.sparse",
     "ThresholdedLinear": ".inference.sparse",
     "is_sparsified": ".inference.sparse",
@@ -74,6 +76,7 @@ _SUBMODULES = ("activations", "analysis", "cli", "data", "inference", "integrati
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs (tests/test_packaging.py checks both lists agree)
     from .activations import GumbelStochActivation, LearnableStochActivation, StochasticActivation, StochasticSpec
     from .analysis.metrics import SparsityMonitor, measure_sparsity, perplexity
+    from .analysis.uncertainty import Uncertainty, uncertainty
     from .inference.sparse import SparseConfig, ThresholdedLinear, is_sparsified, sparse_stats, sparsify, unsparsify
     from .inference.thresholds import Thresholds, calibrate_thresholds
     from .integration.adapters import apply_saved_activation, load_adapter

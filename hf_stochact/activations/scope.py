@@ -14,14 +14,22 @@ model then holds one graph for plain calls and one per distinct draw, and the gu
 thread at every call, pick the right one: the per-call decision reaches compiled graphs (as the operator's ``p``
 argument) without a Python hook that compiled code would skip. ``generate`` is synchronous, so its thread is its
 scope (asyncio servers run it in worker threads; a ``TextIteratorStreamer`` consumer only reads tokens).
+
+Per-row draws (:func:`row_generators`, used by :func:`hf_stochact.analysis.uncertainty.uncertainty`): within such a
+block every drawing activation takes one seed per batch row from that row's own generator and draws the row as a
+batch of one (:func:`draw_seeded`), so a row's masks do not depend on which other rows share its forward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+import torch
+
+from .. import kernels
 
 _STATE = threading.local()
 
@@ -49,3 +57,39 @@ def active(draws: Mapping[int, Any]) -> Iterator[None]:
             del _STATE.draws  # back to "no attribute": one guard state for plain calls under torch.compile
         else:
             _STATE.draws = previous
+
+
+@contextlib.contextmanager
+def row_generators(generators: list[torch.Generator]) -> Iterator[None]:
+    """Within the block, in this thread, row ``b`` of every drawing activation's input takes its seeds from
+    ``generators[b]``: a row draws exactly what a batch of one with that generator would draw."""
+    previous = getattr(_STATE, "rows", None)
+    _STATE.rows = list(generators)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _STATE.rows
+        else:
+            _STATE.rows = previous
+
+
+def draw_seeded(draw: Callable[..., torch.Tensor], x: torch.Tensor, *more: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``draw(seed, x, *more)`` with a seed from torch's RNG (or ``generator``); inside :func:`row_generators`,
+    once per batch row (dimension 0 of ``x`` and ``more``) with a seed from that row's generator, concatenated.
+
+    Raises:
+        ValueError: inside :func:`row_generators`, ``x`` has not one row per generator (an activation that sees
+            tokens flattened across the batch, e.g. routed experts): use one row per forward there.
+    """
+    rows = getattr(_STATE, "rows", None)
+    if rows is None:
+        return draw(kernels.new_seed(x.device, generator), x, *more)
+    if len(rows) == 1:
+        return draw(kernels.new_seed(x.device, rows[0]), x, *more)
+    if x.dim() == 0 or x.shape[0] != len(rows):
+        raise ValueError(f"per-row draws for {len(rows)} rows, but an FFN activation got input of shape "
+                         f"{tuple(x.shape)} (not one row per sample): run one sample per forward (batch_size=1)")
+    return torch.cat([draw(kernels.new_seed(x.device, g), x[b:b + 1], *(t[b:b + 1] for t in more))
+                      for b, g in enumerate(rows)])

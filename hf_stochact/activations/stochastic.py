@@ -254,8 +254,10 @@ class StochasticActivation(nn.Module):
         if s is None:
             if not self.is_sampling:
                 return self._deterministic(x)
-            s = self._spec
-        seed = kernels.new_seed(x.device, self.generator)
+            return self._draw(kernels.new_seed(x.device, self.generator), x, self._spec)
+        return scope.draw_seeded(lambda seed, rows: self._draw(seed, rows, s), x, generator=self.generator)
+
+    def _draw(self, seed: torch.Tensor, x: torch.Tensor, s: StochasticSpec) -> torch.Tensor:
         if s.choices is None:
             return kernels.silu_relu_draw(x, seed, s.p, s.variant == "paper", s.granularity)
         return self._k_way(x, seed, s)

@@ -30,6 +30,8 @@ COMMANDS = {
                  "perplexity vs end-to-end decode speed of sparse points (input thresholds, ReLU) on a real model"),
     "generate": ("hf_stochact.cli.generate", "GenerateConfig",
                  "print k completions of a prompt with stochastic activations (diverse even when greedy)"),
+    "uncertainty": ("hf_stochact.cli.uncertainty", "UncertaintyConfig",
+                    "per-token uncertainty (mutual information of stochastic-activation samples) of a text or reply"),
 }
 
 
