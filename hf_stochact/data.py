@@ -24,6 +24,7 @@ import codecs
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -145,10 +146,16 @@ def _load_files(builder: str, files: list[str], argument: str):
     from datasets import load_dataset
 
     kwargs = {"sample_by": "document"} if builder == "text" else {}
+    # the builders log their own "Failed to read file ..." before raising: the ValueError below says it better
+    builders_log = logging.getLogger("datasets.packaged_modules")
+    level = builders_log.level
+    builders_log.setLevel(logging.CRITICAL)
     try:
         return load_dataset(builder, data_files={"train": files}, **kwargs)
     except Exception as error:  # noqa: BLE001 - pyarrow, pandas, codecs, datasets: found in the files, one message
         raise ValueError(f"{argument}: {_diagnose(builder, files, error)}") from error
+    finally:
+        builders_log.setLevel(level)
 
 
 def _diagnose(builder: str, files: list[str], error: BaseException) -> str:

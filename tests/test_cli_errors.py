@@ -95,6 +95,11 @@ def test_outputs_are_checked_before_any_work(tmp_path, models, capsys):
     assert a_file.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU may run bf16")
+def test_settings_this_machine_cannot_run_name_the_flag_before_loading(models, capsys):
+    fails(["relufy", "--model", models["silu"], "--bf16", "--no-cpu"], capsys, "--bf16", "Your setup doesn't support")
+
+
 # ---- bad data: one line naming the flag (and the file), for every command that reads text -------------------------
 
 def bad_jsonl(folder):

@@ -250,14 +250,18 @@ def run(cfg: RelufyConfig) -> dict:
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     out_dir = Path(cfg.output_dir)
-    args = TrainingArguments(
-        output_dir=str(out_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=max(1, cfg.steps // 30), save_strategy="no",
-        report_to=[], seed=cfg.seed, use_cpu=cfg.cpu, dataloader_num_workers=0, bf16=cfg.bf16,
-        activation_checkpointing=cfg.gradient_checkpointing, hub_model_id=cfg.push_to_hub or None,
-        ddp_find_unused_parameters=False,  # every parameter takes part in every step
-    )
+    try:
+        args = TrainingArguments(
+            output_dir=str(out_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
+            warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=max(1, cfg.steps // 30),
+            save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=cfg.cpu, dataloader_num_workers=0,
+            bf16=cfg.bf16, activation_checkpointing=cfg.gradient_checkpointing,
+            hub_model_id=cfg.push_to_hub or None,
+            ddp_find_unused_parameters=False,  # every parameter takes part in every step
+        )
+    except ValueError as error:  # settings this machine cannot run (e.g. --bf16 --no-cpu without a bf16 GPU)
+        raise UsageError("--bf16" if cfg.bf16 else "--no-cpu", f"{str(error).strip().splitlines()[0]}") from error
     main = args.process_index == 0
     say = _say(main)
     world = args.world_size
