@@ -330,20 +330,41 @@ class InputGroup:
     def compute(self, caller: ThresholdedLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
         """Every member's output from ``x2d`` (the caller's input as [T, d_in]) in one call; returns the caller's,
         keeps the others' for :meth:`take`. None where a member's weights are not what the loop reads."""
-        members, specs = self.members, []
+        members, d_in = self.members, x2d.shape[1]
+        plans = []
         for m in members:
-            spec = m.rows_spec(x2d)
-            if spec is None:
+            plan = m.plan(d_in)
+            if plan is None:
                 return None
-            specs.append(spec)
-        ys, ks = kernels.sparse_rows_validated(x2d, specs, caller.config.input_max_density)
-        out_shape = x.shape[:-1]
+            plans.append(plan)
+        ys, ks = _run_rows(x, x2d, plans, caller.config.input_max_density)
         local = self._local
-        local.results = {id(m): y.view(*out_shape, y.shape[-1]) for m, y in zip(members, ys) if m is not caller}
+        local.results = {id(m): y for m, y in zip(members, ys) if m is not caller}
         local.x, local.version = x, x._version
         i = members.index(caller)
         caller.counter.add("sparse" if ks[i] >= 0 else "dense")
-        return ys[i].view(*out_shape, ys[i].shape[-1])
+        return ys[i]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """A tensor's in-place version counter (None for inference tensors, which have none)."""
+    return None if t.is_inference() else t._version
+
+
+def _run_rows(x: torch.Tensor, x2d: torch.Tensor, plans: list[tuple], max_density: float):
+    """The rows loop on validated members (``plans`` from :meth:`ThresholdedLinear.plan`): their outputs, shaped as
+    ``x`` with each member's width, and their ks (a member the loop left to the caller is finished densely)."""
+    lead = tuple(x.shape[:-1])
+    specs = tuple(p[0] for p in plans)
+    if max_density >= 1.0:
+        ys, ks = kernels.sparse_rows_run(x2d, specs, [(*lead, spec[2]) for spec in specs])
+    else:
+        ys, ks = kernels.sparse_rows_run_limited(x2d, specs, [(*lead, spec[2]) for spec in specs],
+                                                 int(max_density * x2d.shape[1]))
+    for y, plan, k in zip(ys, plans, ks):
+        if k < 0:
+            y.copy_(kernels.finish_dense(x2d, plan[1], plan[2], plan[0][4]).view(y.shape))
+    return ys, ks
 
 
 class ThresholdedLinear(_Wrapper):
@@ -358,24 +379,36 @@ class ThresholdedLinear(_Wrapper):
         super().__init__(layer, config)
         self.threshold = float(threshold)
         self.group: InputGroup | None = None
+        self._plan: tuple | None = None  # (key, weight, bias, plan): see plan()
 
     @property
     def wrapped(self) -> nn.Module:
         return self.original
 
-    def rows_spec(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
-        """(W in rows layout [d_in, d_out], float32 bias, threshold) if the C loop can read this layer's weights
-        for an input like ``x2d`` (checked on every call: weights may be replaced or cast after sparsify)."""
+    def plan(self, d_in: int) -> tuple | None:
+        """``(C-loop spec, W in rows layout [d_in, d_out], float32 bias)`` if the loop can read this layer's weights
+        for inputs of ``d_in`` features, else None. Validated in full once, then re-checked on every call by a cheap
+        key (the weight and bias objects, pointers, shapes, strides, dtypes, bias version, threshold): a weight
+        replaced, resized, cast or re-laid after sparsify is validated afresh, never read stale."""
         original = self.original
-        w_t, bias = down_rows(original), param(original, "bias")
-        if not kernels.rows_member_ok(x2d, w_t, bias):
-            return None
-        return w_t, None if bias is None else kernels.float32(bias), self.threshold
+        w, b = param(original, "weight"), param(original, "bias")
+        key = (d_in, self.threshold, w.data_ptr(), w.shape, w.stride(), w.dtype,
+               None if b is None else (b.data_ptr(), b.shape, b.dtype, _version(b)))
+        cached = self._plan
+        if cached is not None and cached[0] == key and cached[1] is w and cached[2] is b:
+            return cached[3]
+        w_t = down_rows(original)
+        plan = None
+        if kernels.rows_member_ok(d_in, w_t, b):
+            b32 = None if b is None else kernels.float32(b)
+            plan = (kernels.rows_spec(w_t, b32, self.threshold), w_t, b32)
+        self._plan = (key, w, b, plan)
+        return plan
 
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group
         eager = not torch.compiler.is_compiling()
-        if group is not None and eager:
+        if group is not None and eager and not x.is_inference():
             y = group.take(self, x)
             if y is not None:
                 self.counter.add("sparse")
@@ -385,15 +418,15 @@ class ThresholdedLinear(_Wrapper):
             x2d = x.reshape(-1, shape[-1])
             if len(x2d) <= self.config.max_tokens:
                 if eager and kernels.rows_input_ok(x2d):
-                    if group is not None:
+                    if group is not None and not x.is_inference():  # (no version counter to check the hand-over)
                         y = group.compute(self, x, x2d)
                         if y is not None:
                             return y
-                    spec = self.rows_spec(x2d)
-                    if spec is not None:
-                        (y,), (k,) = kernels.sparse_rows_validated(x2d, [spec], self.config.input_max_density)
+                    plan = self.plan(shape[-1])
+                    if plan is not None:
+                        (y,), (k,) = _run_rows(x, x2d, [plan], self.config.input_max_density)
                         self.counter.add("sparse" if k >= 0 else "dense")
-                        return y.view(*shape[:-1], y.shape[-1])
+                        return y
                 w_t, bias = down_rows(self.original), param(self.original, "bias")
                 if loop_readable(w_t, bias, x) and w_t.is_contiguous() and _rows_consistent(x, w_t, bias):
                     y, k = kernels.sparse_down(x2d, w_t, bias, self.config.input_max_density, self.threshold)

@@ -19,7 +19,17 @@ from collections.abc import Iterator
 import torch
 
 from . import ops, reference
-from .ops import MAX_GROUP, MAX_TOKENS, c_loops_active, loop_readable, rows_member_ok
+from .ops import (
+    MAX_GROUP,
+    MAX_TOKENS,
+    c_loops_active,
+    finish_dense,
+    loop_readable,
+    rows_member_ok,
+    rows_spec,
+    sparse_rows_run,
+    sparse_rows_run_limited,
+)
 from .ops import _f32 as float32
 from .reference import GRANULARITIES, bernoulli, categorical, mask_shape, threshold, uniform
 
@@ -41,6 +51,10 @@ __all__ = [
     "sparse_rows_validated",
     "rows_input_ok",
     "rows_member_ok",
+    "rows_spec",
+    "sparse_rows_run",
+    "sparse_rows_run_limited",
+    "finish_dense",
     "float32",
     "threshold",
     "torch_only",
@@ -168,6 +182,6 @@ def rows_input_ok(x2d: torch.Tensor) -> bool:
 
 
 def sparse_rows_validated(x2d: torch.Tensor, members, max_density: float):
-    """Eager fast path of :func:`sparse_rows` for a caller that checked :func:`rows_input_ok` and
+    """Eager path of :func:`sparse_rows` for a caller that checked :func:`rows_input_ok` and
     :func:`rows_member_ok` for every member ``(w_t, float32 bias, threshold)``: no further checks, ks as ints."""
     return ops.sparse_rows_c(x2d, members, max_density)

@@ -251,53 +251,77 @@ def _sparse_down_fake(h, w_t, bias, max_density, threshold=0.0):
 # sparse_rows: several input-sparse layers on one input, one call
 
 
-def rows_member_ok(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """What the C loop relies on for one member: a plain, contiguous rows-layout weight [d_in, d_out] that ``x``
-    [T, d_in] fits, a float32/bfloat16 weight, and a matching bias."""
-    return (loop_readable(w_t, bias) and w_t.is_contiguous() and w_t.shape[0] == x.shape[-1]
+def rows_member_ok(d_in: int, w_t: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """What the C loop relies on for one member: a plain, contiguous rows-layout weight [d_in, d_out] that an input
+    of ``d_in`` features fits, a float32/bfloat16 weight, and a matching bias."""
+    return (loop_readable(w_t, bias) and w_t.is_contiguous() and w_t.dim() == 2 and w_t.shape[0] == d_in
             and (bias is None or bias.shape == (w_t.shape[1],)))
 
 
-def sparse_rows_c(x: torch.Tensor, members, max_density: float,
-                  one_buffer: bool = True) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+#: multiply-adds per call above which sparse_rows splits the work between threads (measured:
+#: examples/bench_kernels.py; below it one thread is as fast and a team's wake-up is pure cost)
+ROWS_PARALLEL_MIN = 1 << 16
+
+
+def rows_spec(w_t: torch.Tensor, bias: torch.Tensor | None, threshold: float) -> tuple[int, int, int, int, float]:
+    """The C loop's description of one validated member (:func:`rows_member_ok`; ``bias`` float32 contiguous or
+    None): pointers, d_out, dtype code, threshold. Valid while those tensors live unchanged."""
+    return w_t.data_ptr(), _ptr(bias), w_t.shape[1], DTYPE_CODES[w_t.dtype], float(threshold)
+
+
+def sparse_rows_run(x: torch.Tensor, specs: tuple, shapes: list[tuple[int, ...]]) -> tuple[list, tuple]:
+    """The C loop on members described by :func:`rows_spec`, ``x`` [T, d_in] contiguous float32/bfloat16 of 1 to
+    MAX_TOKENS rows (the ``max_active`` rows bound is each spec's): ``(outputs, ks)``, output m of shape
+    ``shapes[m]`` (T x d_out_m elements, x's dtype). Members with k = -1 are left unwritten (the caller finishes
+    them)."""
+    tokens, d_in = x.shape
+    ys = [torch.empty(shape, dtype=x.dtype) for shape in shapes]
+    ks = _C.sparse_rows(x.data_ptr(), tokens, d_in, d_in, 1 if x.dtype == torch.bfloat16 else 0,
+                        torch.get_num_threads(), ROWS_PARALLEL_MIN, tuple(y.data_ptr() for y in ys), specs)
+    return ys, ks
+
+
+def finish_dense(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
+    """A member the loop left to the caller (too many active rows): the masked product, accumulated in float32."""
+    y = reference.magnitude_mask(x, threshold).float() @ w_t.float()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def sparse_rows_c(x: torch.Tensor, members, max_density: float) -> tuple[list[torch.Tensor], tuple[int, ...]]:
     """The C loop on validated members (:func:`rows_member_ok` each, ``x`` [T, d_in] float32/bfloat16 contiguous,
     1 to MAX_TOKENS tokens): ``members`` = [(w_t, bias float32 or None, threshold)]. Returns the outputs (in x's
-    dtype, contiguous [T, d_out]; with ``one_buffer``, pieces of one allocation — not for the operator, whose
-    outputs must not alias) and each member's k; a member with k = -1 is finished here densely (F.linear on the
-    masked input)."""
-    tokens, d_in = x.shape
-    io = 1 if x.dtype == torch.bfloat16 else 0
-    xc = x if io else _f32(x)
-    sizes = [w_t.shape[1] for w_t, _, _ in members]
-    out_dtype = torch.bfloat16 if io else torch.float32
-    flat = torch.empty(tokens * sum(sizes), dtype=out_dtype) if one_buffer else None
-    ys, specs, at = [], [], 0
-    for (w_t, bias, t), d_out in zip(members, sizes):
-        y = flat[at: at + tokens * d_out].view(tokens, d_out) if one_buffer else torch.empty(tokens, d_out,
-                                                                                              dtype=out_dtype)
-        ys.append(y)
-        specs.append((w_t.data_ptr(), _ptr(bias), y.data_ptr(), d_out, DTYPE_CODES[w_t.dtype], float(t)))
-        at += tokens * d_out
-    ks = _C.sparse_rows(xc.data_ptr(), tokens, d_in, int(max_density * d_in), io, torch.get_num_threads(),
-                        tuple(specs))
-    for i, k in enumerate(ks):
+    dtype, contiguous [T, d_out], separate tensors) and each member's k (-1: finished densely)."""
+    if x.dtype not in DTYPE_CODES:
+        x = x.float()
+    ys, ks = [], []
+    for w_t, bias, t in members:
+        (y,), (k,) = sparse_rows_run_limited(x, (rows_spec(w_t, bias, t),), [(x.shape[0], w_t.shape[1])],
+                                             int(max_density * x.shape[1]))
         if k < 0:
-            w_t, bias, t = members[i]
-            y = F.linear(reference.magnitude_mask(x, t).to(w_t.dtype), w_t.t())
-            ys[i].copy_(y if bias is None else y + bias.to(y.dtype))
+            y = finish_dense(x, w_t, bias, t)
+        ys.append(y)
+        ks.append(k)
+    return ys, tuple(ks)
+
+
+def sparse_rows_run_limited(x: torch.Tensor, specs: tuple, shapes: list, max_active: int) -> tuple[list, tuple]:
+    """:func:`sparse_rows_run` with at most ``max_active`` active rows per member (more: k = -1)."""
+    ys = [torch.empty(shape, dtype=x.dtype) for shape in shapes]
+    ks = _C.sparse_rows(x.data_ptr(), x.shape[0], x.shape[1], max_active, 1 if x.dtype == torch.bfloat16 else 0,
+                        torch.get_num_threads(), ROWS_PARALLEL_MIN, tuple(y.data_ptr() for y in ys), specs)
     return ys, ks
 
 
 def sparse_rows_cpu(x, weights, biases, thresholds, max_density: float):
     if not (c_loops_active() and loop_readable(x) and 1 <= x.shape[0] <= MAX_TOKENS and len(weights) <= MAX_GROUP
-            and all(rows_member_ok(x, w, b) for w, b in zip(weights, biases))):
+            and all(rows_member_ok(x.shape[-1], w, b) for w, b in zip(weights, biases))):
         for w_t, b in zip(weights, biases):
             if w_t.shape[0] != x.shape[-1] or (b is not None and b.shape != (w_t.shape[1],)):
                 raise ValueError(f"sparse_rows: inconsistent shapes x {tuple(x.shape)}, w_t {tuple(w_t.shape)} "
                                  "(expected [T, d_in], [d_in, d_out])")
         return reference.sparse_rows(x, weights, biases, thresholds, max_density)
     members = [(w, _f32(b), t) for w, b, t in zip(weights, biases, thresholds)]
-    ys, ks = sparse_rows_c(x.contiguous(), members, max_density, one_buffer=False)
+    ys, ks = sparse_rows_c(x.contiguous(), members, max_density)
     return [y if y.dtype == x.dtype else y.to(x.dtype) for y in ys], torch.tensor(ks, dtype=torch.int64)
 
 

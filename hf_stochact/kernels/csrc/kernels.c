@@ -565,33 +565,41 @@ MULTIVERSION static void sparse_rows_run(Member *m, int nm, Py_ssize_t T, int pa
     }
 }
 
-/* sparse_rows(x, T, d_in, max_active, io, nthreads, members) -> tuple of k (or -1: more than max_active rows
- * active; that member's y is left unwritten and the caller finishes it densely). members: a tuple of
- * (w, b, y, d_out, dtype, thr). x: float32 [T, d_in], or bfloat16 when io (then every y is bfloat16 too). */
+/* sparse_rows(x, T, d_in, max_active, io, nthreads, parallel_min, ys, members) -> tuple of k (or -1: more than
+ * max_active rows active; that member's output is left unwritten and the caller finishes it densely). members: a
+ * tuple of (w, b, d_out, dtype, thr); ys: the members' outputs [T, d_out_m]. x: float32 [T, d_in], or bfloat16
+ * when io (then the outputs are bfloat16 too). The threads split the work only above parallel_min multiply-adds
+ * (below it, waking a team costs more than a second thread gains). */
 #define MAX_MEMBERS 8
 static PyObject *py_sparse_rows(PyObject *self, PyObject *args) {
     unsigned long long x;
-    Py_ssize_t T, din, max_active;
+    Py_ssize_t T, din, max_active, parallel_min;
     int io, nthreads;
-    PyObject *members;
-    if (!PyArg_ParseTuple(args, "KnnniiO!", &x, &T, &din, &max_active, &io, &nthreads, &PyTuple_Type, &members))
+    PyObject *ys, *members;
+    if (!PyArg_ParseTuple(args, "KnnniinO!O!", &x, &T, &din, &max_active, &io, &nthreads, &parallel_min,
+                          &PyTuple_Type, &ys, &PyTuple_Type, &members))
         return NULL;
     if (!tokens_ok(T)) return NULL;
     Py_ssize_t nm = PyTuple_Size(members);
-    if (nm < 1 || nm > MAX_MEMBERS) {
-        PyErr_Format(PyExc_ValueError, "sparse_rows takes 1 to %d members, got %zd", MAX_MEMBERS, nm);
+    if (nm < 1 || nm > MAX_MEMBERS || PyTuple_Size(ys) != nm) {
+        PyErr_Format(PyExc_ValueError, "sparse_rows takes 1 to %d members and one output each, got %zd and %zd",
+                     MAX_MEMBERS, nm, PyTuple_Size(ys));
         return NULL;
     }
     Member m[MAX_MEMBERS];
     Py_ssize_t dsum = 0;
     for (Py_ssize_t i = 0; i < nm; ++i) {
-        unsigned long long w, b, y;
+        unsigned long long w, b;
         double thr;
-        if (!PyArg_ParseTuple(PyTuple_GetItem(members, i), "KKKnid", &w, &b, &y, &m[i].d, &m[i].dtype, &thr))
+        if (!PyArg_ParseTuple(PyTuple_GetItem(members, i), "KKnid", &w, &b, &m[i].d, &m[i].dtype, &thr))
             return NULL;
         m[i].w = (const void *)w;
         m[i].b = (const float *)b;
-        m[i].y = (void *)y;
+        m[i].y = PyLong_AsVoidPtr(PyTuple_GetItem(ys, i));
+        if (m[i].y == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "sparse_rows: a null output pointer");
+            return NULL;
+        }
         m[i].thr = (float)thr;
         dsum += m[i].d;
     }
@@ -637,7 +645,7 @@ static PyObject *py_sparse_rows(PyObject *self, PyObject *args) {
             }
         work += k * mm->d * T;
     }
-    int P = work > PARALLEL_MIN ? parts : 1;
+    int P = work > parallel_min ? parts : 1;
     for (Py_ssize_t i = 0; i < nm; ++i) {
         Member *mm = &m[i];
         mm->part = P > 1 ? (float *)at : NULL;
@@ -681,7 +689,7 @@ static PyMethodDef methods[] = {
     {"sparse_down", py_sparse_down, METH_VARARGS,
      "sparse_down(h, wt, b, y, dff, d, T, max_active, dtype, nthreads) -> k or -1"},
     {"sparse_rows", py_sparse_rows, METH_VARARGS,
-     "sparse_rows(x, T, d_in, max_active, io, nthreads, ((w, b, y, d_out, dtype, thr), ...)) -> (k or -1, ...)"},
+     "sparse_rows(x, T, d_in, max_active, io, nthreads, parallel_min, ys, ((w, b, d_out, dtype, thr), ...)) -> ks"},
     {"has_openmp", py_has_openmp, METH_NOARGS, "whether the loops were built with OpenMP"},
     {NULL, NULL, 0, NULL},
 };
