@@ -6,9 +6,10 @@ is ``generate(stochastic_activation=True, stochastic_p=p)``: for SmolLM2 (SiLU) 
 probability p, else ReLU, redrawn at every forward; for a ReLU (relufied) model it is the paper's StochA.
 
 The instruct model is asked through its chat template to complete the function in a ```python block; the first
-code block of the reply is appended to the HumanEval prompt (a full re-definition replaces the stub) and the
-problem's tests run on it in a sandbox (:mod:`hf_stochact.analysis.codegen`: own process group, CPU/memory/file/
-process limits, throw-away directory, killed as a group on timeout).
+code block of the reply is appended to the HumanEval prompt (a full re-definition replaces the stub) and run in a
+sandbox (:func:`hf_stochact.analysis.codegen.run_sandboxed`: bubblewrap namespaces where available, else rlimits),
+followed there by the problem's tests as separate, trusted checks: a sample passes only if the checks ran to the
+end. Each record notes the isolation used.
 
 Resumable: every (problem, configuration) appends one line to ``--results`` (JSONL) as soon as it is done; a new
 run skips what is there, so an interrupted run continues where it stopped. ``--report`` alone rebuilds the table
@@ -81,9 +82,10 @@ def extract_code(reply: str) -> str:
     return body if end == -1 else body[:end]
 
 
-def program(problem: dict, completion: str) -> str:
-    return (problem["prompt"] + "    pass\n\n" + completion + "\n\n" + problem["test"]
-            + f"\ncheck({problem['entry_point']})\n")
+def program(problem: dict, completion: str) -> tuple[str, str]:
+    """(untrusted program, trusted checks): the prompt's stub then the completion; the tests and the check call."""
+    return (problem["prompt"] + "    pass\n\n" + completion + "\n",
+            problem["test"] + f"\ncheck({problem['entry_point']})\n")
 
 
 def done_pairs(path: Path) -> set[tuple[str, str]]:
@@ -122,10 +124,11 @@ def evaluate(args) -> None:
                                   pad_token_id=tok.eos_token_id, stopping_criteria=stop, **gen)
             seconds = time.perf_counter() - t0
             completions = [extract_code(tok.decode(s[ids.shape[1]:], skip_special_tokens=True)) for s in seqs]
-            runs = [codegen.run_sandboxed(program(problem, c), limits) for c in completions]
+            runs = [codegen.run_sandboxed(untrusted, limits, checks=checks)
+                    for untrusted, checks in (program(problem, c) for c in completions)]
             record = {"config": name, "task_id": problem["task_id"], "n": n, "completions": completions,
                       "passed": [r.passed for r in runs], "status": [r.status for r in runs],
-                      "generate_s": round(seconds, 2)}
+                      "isolation": sorted({r.isolation for r in runs}), "generate_s": round(seconds, 2)}
             fcntl.flock(out, fcntl.LOCK_EX)  # shards append to one file: one whole line at a time
             try:
                 out.write(json.dumps(record) + "\n")
@@ -182,14 +185,16 @@ def report(args) -> None:
 
     path = Path(args.results)
     summary, common = summarise(path, args.samples)
+    isolation = ", ".join(sorted({i for line in path.read_text().splitlines() if line
+                                  for i in json.loads(line).get("isolation", ["rlimits (not recorded)"])}))
     k = args.samples
     cols = ["pass@1", f"pass@{k}", "distinct-2", "unique programs", "edit distance"]
     lines = ["# Stochastic decoding on HumanEval: quality vs diversity", "",
              f"{args.label}, **{len(common)} of 164** HumanEval problems "
              f"finished by every configuration; chat-template instruction, first code block of the reply, up to "
              f"{args.max_new_tokens} new tokens; {k} samples per problem per configuration, batched in one "
-             "`generate` call (greedy: 1); tests run sandboxed (`hf_stochact.analysis.codegen.run_sandboxed`: own "
-             f"process group, CPU/memory/file/process limits, {args.timeout:g} s timeout). pass@k: unbiased "
+             "`generate` call (greedy: 1); tests run sandboxed (`hf_stochact.analysis.codegen.run_sandboxed`, "
+             f"isolation: {isolation}; CPU/memory/file/process limits, {args.timeout:g} s timeout). pass@k: unbiased "
              "estimator. Brackets: 95% bootstrap intervals over problems (2000 resamples).", "",
              "| decoding | correct samples | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, s in summary.items():
