@@ -179,10 +179,10 @@ def test_sparse_rows_equals_the_masked_products_per_member(tokens):
         ops.sparse_rows_cpu(x, [torch.randn(100, 8)], [None], [0.0], 1.0)
 
 
-def test_inference_mode_decodes_the_same_tokens_without_the_hand_over():
+def test_inference_mode_decodes_the_same_tokens():
     model = thresholded()
     prompt = calib(1, 5, seed=6)
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():  # inference tensors have no version counter: each member computes its own
+    with torch.inference_mode():  # inference tensors have no version counter: the hand-over checks identity
         assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)

@@ -302,7 +302,8 @@ class InputGroup:
     output in one operator call (``sparse_rows``: one pass over the input, one OpenMP region, one allocation); the
     others, when called with the *same* tensor (same object, unmodified since), take their result instead of
     computing it. Each member is still called, so its hooks fire; a member whose input differs (a pre-hook that
-    replaced it, a different call order) computes its own. The hand-over is per thread (``threading.local``):
+    replaced it, a different call order, an in-place change since: the version counter, which inference tensors
+    lack — under ``torch.inference_mode`` only the identity is checked) computes its own. The hand-over is per thread (``threading.local``):
     concurrent decodes on one model never see each other's results."""
 
     def __init__(self, members: list[ThresholdedLinear]):
@@ -320,7 +321,7 @@ class InputGroup:
         """``member``'s output if an earlier member computed it from this very ``x`` in this thread, else None."""
         local = self._local
         results = getattr(local, "results", None)
-        if results is None or local.x is not x or local.version != x._version:
+        if results is None or local.x is not x or local.version != _version(x):
             return None
         y = results.pop(id(member), None)
         if not results:
@@ -340,7 +341,7 @@ class InputGroup:
         ys, ks = _run_rows(x, x2d, plans, caller.config.input_max_density)
         local = self._local
         local.results = {id(m): y for m, y in zip(members, ys) if m is not caller}
-        local.x, local.version = x, x._version
+        local.x, local.version = x, _version(x)
         i = members.index(caller)
         caller.counter.add("sparse" if ks[i] >= 0 else "dense")
         return ys[i]
@@ -408,7 +409,7 @@ class ThresholdedLinear(_Wrapper):
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group
         eager = not torch.compiler.is_compiling()
-        if group is not None and eager and not x.is_inference():
+        if group is not None and eager:
             y = group.take(self, x)
             if y is not None:
                 self.counter.add("sparse")
@@ -418,7 +419,7 @@ class ThresholdedLinear(_Wrapper):
             x2d = x.reshape(-1, shape[-1])
             if len(x2d) <= self.config.max_tokens:
                 if eager and kernels.rows_input_ok(x2d):
-                    if group is not None and not x.is_inference():  # (no version counter to check the hand-over)
+                    if group is not None:
                         y = group.compute(self, x, x2d)
                         if y is not None:
                             return y
