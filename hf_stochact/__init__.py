@@ -45,6 +45,7 @@ _LAZY = {
     "sparse_stats": ".inference.sparse",
     "sparsify": ".inference.sparse",
     "unsparsify": ".inference.sparse",
+    "fast_decode": ".inference.fast",
     "Thresholds": ".inference.thresholds",
     "calibrate_thresholds": ".inference.thresholds",
     "apply_saved_activation": ".integration.adapters",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs (tests/test_pack
     from .activations import GumbelStochActivation, LearnableStochActivation, StochasticActivation, StochasticSpec
     from .analysis.metrics import SparsityMonitor, measure_sparsity, perplexity
     from .analysis.uncertainty import Uncertainty, uncertainty
+    from .inference.fast import fast_decode
     from .inference.sparse import SparseConfig, ThresholdedLinear, is_sparsified, sparse_stats, sparsify, unsparsify
     from .inference.thresholds import Thresholds, calibrate_thresholds
     from .integration.adapters import apply_saved_activation, load_adapter
