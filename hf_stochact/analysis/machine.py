@@ -71,10 +71,15 @@ def machine_report(bandwidth: bool = True) -> dict:
     return report
 
 
+_WARNED: list[bool] = []
+
+
 def warn_if_busy(threshold: float = 0.5) -> bool:
-    """Warn (and return True) when the machine's load says other work is running: timings would be wrong."""
+    """Warn (once per process; returns True each time) when the machine's load says other work is running: timings
+    would be wrong."""
     busy = load() >= threshold * max(1, (os.cpu_count() or 1) / 2)
-    if busy:
+    if busy and not _WARNED:
+        _WARNED.append(True)
         warnings.warn(f"the machine is busy (1-minute load {load():.2f} on {os.cpu_count()} cores): timings measured "
                       "now are not the machine's; run benchmarks with nothing else running", UserWarning, stacklevel=2)
     return busy

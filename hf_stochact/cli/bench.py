@@ -21,6 +21,7 @@ import time
 import torch
 from torch import nn
 
+from ..analysis.machine import warn_if_busy
 from ..inference.sparse import sparsify, unsparsify
 from .args import (
     UsageError,
@@ -54,13 +55,31 @@ class BenchConfig:
     model: str = option("", "benchmark decode tokens/s of this model folder (or --gguf) instead of MLPs")
     gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
     new_tokens: int = option(64, "tokens decoded per timed generate call (with --model)", check=at_least(1))
-    out: str = option("", "also write the microbenchmark table (markdown) to this file (in an existing folder)",
+    out: str = option("", "also write the table (markdown) to this file (in an existing folder)",
                       check=output_file(create_folder=False))
+    compare: bool = option(False, "with --model/--gguf: one table of decode tok/s and held-out perplexity for HF "
+                                  "eager and fast_decode, dense and with input thresholds at --compare-sparsities, "
+                                  "float32 and bfloat16, a --relu-model, and llama.cpp on F32/F16 GGUFs written "
+                                  "from the same weights (needs llama-cpp-python and --gguf)")
+    compare_sparsities: str = option("0.25,0.4,0.5", "input sparsities of the --compare threshold points",
+                                     check=comma_list(probability))
+    allocation: str = option("block", "threshold allocation of the --compare points (uniform, greedy, block)",
+                             check=one_of("uniform", "greedy", "block"))
+    relu_model: str = option("", "a relufied model folder to add to --compare (exact zeros, sparsified)")
+    llama_cpp: bool = option(True, "include llama.cpp rows in --compare (needs llama-cpp-python and --gguf)")
+    gguf_dir: str = option("", "where --compare writes the F32/F16 GGUFs (default: a temporary folder)")
+    fast: bool = option(True, "include fast_decode (compiled, static cache) rows in --compare")
+    bf16: bool = option(True, "include bfloat16 rows in --compare")
 
     def check(self) -> None:
         resolve_model(self.model, self.gguf, required=False)
-        if self.out and (self.model or self.gguf):
-            raise UsageError("--out", "writes the microbenchmark table, which --model/--gguf replaces: leave out one")
+        if self.out and (self.model or self.gguf) and not self.compare:
+            raise UsageError("--out", "writes the microbenchmark or --compare table; --model/--gguf alone prints a "
+                                      "two-line result: leave out --out, or add --compare")
+        if self.compare and not (self.model or self.gguf):
+            raise UsageError("--compare", "needs a model: --model FOLDER or --gguf FILE")
+        if self.relu_model:
+            resolve_model(self.relu_model, "", model_flag="--relu-model")
 
 
 def ideal(s: float) -> float:
@@ -198,8 +217,21 @@ def markdown(rows: list[dict], cfg: BenchConfig) -> str:
 
 def run(cfg: BenchConfig) -> dict:
     validate(cfg)
+    warn_if_busy()
     result: dict = {}
-    if cfg.model or cfg.gguf:
+    if cfg.compare:
+        from ..analysis.decode_bench import CompareSettings, compare
+
+        settings = CompareSettings(sparsities=tuple(float(v) for v in cfg.compare_sparsities.split(",") if v),
+                                   allocation=cfg.allocation, relu_model=cfg.relu_model, new_tokens=cfg.new_tokens,
+                                   rounds=cfg.rounds, threads=cfg.threads, llama_cpp=cfg.llama_cpp,
+                                   fast=cfg.fast, bf16=cfg.bf16, workdir=cfg.gguf_dir)
+        result["compare"] = compare(cfg.model, cfg.gguf, settings)
+        print("\n" + result["compare"]["markdown"])
+        if cfg.out:
+            with open(cfg.out, "w") as f:
+                f.write(result["compare"]["markdown"] + "\n")
+    elif cfg.model or cfg.gguf:
         result["model"] = model_bench(cfg)
     else:
         rows = microbench(cfg)
