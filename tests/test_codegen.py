@@ -216,6 +216,8 @@ def test_memory_file_size_and_cpu_limits(mode):
     assert write.status == "failed"
     spin = run("while True: pass", mode, timeout_s=20, cpu_s=1)
     assert spin.status == "failed" and spin.returncode != 0, "RLIMIT_CPU stops a busy loop before the wall clock"
+    files = run("import os\nfds = [os.pipe() for _ in range(200)]", mode, open_files=64)
+    assert files.status == "failed" and "Too many open files" in files.stderr_tail
 
 
 # --- isolation (bubblewrap only) ----------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ def _harness():
     cap(resource.RLIMIT_AS, job["memory_bytes"])
     cap(resource.RLIMIT_FSIZE, job["file_bytes"])
     cap(resource.RLIMIT_CORE, 0)
+    cap(resource.RLIMIT_NOFILE, job["open_files"])
     try:  # this user's tasks (threads count against RLIMIT_NPROC); under bubblewrap: the sandbox's only
         uid, tasks = os.getuid(), 0
         for pid in os.listdir("/proc"):
@@ -175,6 +176,7 @@ class Limits:
     disk_bytes: int = 16 << 20  # all files written together (bubblewrap: the working directory's tmpfs size)
     extra_processes: int = 4  # RLIMIT_NPROC above the tasks there at start (bubblewrap: the sandbox's own)
     output_bytes: int = 64 << 10  # stderr kept (the last bytes); the rest is read and discarded
+    open_files: int = 64  # RLIMIT_NOFILE: open files, pipes and memfds at once (each file capped by file_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +285,7 @@ def _run(program: str, checks: str, limits: Limits, isolation: str) -> RunResult
         job = {"program": program, "checks": checks, "nonce_fd": nonce_r, "result_fd": result_w,
                "guard": GUARD if isolation == "rlimits" else "", "cpu_s": limits.cpu_s,
                "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
-               "extra_processes": limits.extra_processes}
+               "extra_processes": limits.extra_processes, "open_files": limits.open_files}
         try:
             proc = subprocess.Popen(argv, cwd=cwd, env={"PATH": os.defpath}, stdin=subprocess.PIPE,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
