@@ -51,7 +51,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--counts", default="2,4,8,16", help="sample counts of (a)")
     ap.add_argument("--humaneval", default="", help="HumanEval.jsonl.gz (b); empty = skip (b)")
     ap.add_argument("--results", default="docs/humaneval.jsonl", help="greedy completions and pass/fail")
-    ap.add_argument("--problems", type=int, default=164, help="first N HumanEval problems")
+    ap.add_argument("--problems", default="0:164", help="HumanEval problems START:END (by index)")
     ap.add_argument("--he-p", type=float, default=0.9)
     ap.add_argument("--he-counts", default="2,4")
     ap.add_argument("--relu-ps", default="0.5,0.9", help="stochastic_p values of (c); empty = skip (c)")
@@ -155,8 +155,9 @@ def text_tables(data: dict) -> dict:
 
 # ---- (b): HumanEval ----------------------------------------------------------------------------------------------
 
-def humaneval_sequences(tok, data: str, results: str, limit: int):
-    problems = [json.loads(line) for line in gzip.open(data, "rt")][:limit]
+def humaneval_sequences(tok, data: str, results: str, span: str):
+    start, end = (int(v) for v in span.split(":"))
+    problems = [json.loads(line) for line in gzip.open(data, "rt")][start:end]
     greedy = {r["task_id"]: r for r in map(json.loads, Path(results).read_text().splitlines())
               if r and r["config"] == "greedy"}
     for problem in problems:
@@ -170,10 +171,10 @@ def humaneval_sequences(tok, data: str, results: str, limit: int):
         yield problem["task_id"], torch.cat([prompt[0], reply[0]]), prompt.shape[1], bool(record["passed"][0])
 
 
-def score_humaneval(model, tok, data, results, p, counts, limit) -> dict:
+def score_humaneval(model, tok, data, results, p, counts, span) -> dict:
     rows = []
     t0 = time.perf_counter()
-    for i, (task, ids, prompt_len, passed) in enumerate(humaneval_sequences(tok, data, results, limit)):
+    for i, (task, ids, prompt_len, passed) in enumerate(humaneval_sequences(tok, data, results, span)):
         curve = uncertainty_curve(model, ids, counts, p, prompt_length=prompt_len, seed=1000 + i)
         row = {"task_id": task, "passed": passed, "tokens": int(ids.numel() - prompt_len)}
         for k, r in curve.items():
@@ -185,8 +186,8 @@ def score_humaneval(model, tok, data, results, p, counts, limit) -> dict:
                    mean_nll=s["mean_nll"], greedy_accuracy=s["greedy_accuracy"])
         rows.append(row)
         if i % 20 == 0:
-            print(f"  humaneval {i + 1}/164, {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"p": p, "counts": counts, "rows": rows}
+            print(f"  humaneval {i + 1} problems, {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"p": p, "counts": counts, "rows": rows, "problems": span}
 
 
 def humaneval_table(data: dict) -> dict:
@@ -204,13 +205,14 @@ def humaneval_table(data: dict) -> dict:
              "completion length (tokens)": [r["tokens"] for r in rows]}
     named = {n: np.asarray(v, dtype=float) for n, v in named.items()}
     table = auroc_table(failed, named, np.arange(len(rows)), "mean softmax entropy (deterministic)")
-    return {"problems": len(rows), "failed": int(failed.sum()), "samples": k, "p": data["p"], "table": table,
+    return {"problems": len(rows), "span": data["problems"], "failed": int(failed.sum()), "samples": k,
+            "p": data["p"], "table": table,
             "greedy_accuracy": float(np.mean([r["greedy_accuracy"] for r in rows]))}
 
 
 # ---- cost --------------------------------------------------------------------------------------------------------
 
-def measure_cost(model, ids: torch.Tensor, counts: list[int], rounds: int = 3) -> dict:
+def measure_cost(model, ids: torch.Tensor, counts: list[int], rounds: int = 2) -> dict:
     """Median seconds of one deterministic forward and of uncertainty(samples=k), interleaved in one process."""
     times = {"forward": [], **{k: [] for k in counts}}
     for _ in range(rounds):
@@ -287,14 +289,14 @@ def report(cache: Path, out: Path) -> None:
     if summary.get("b"):
         b = summary["b"]
         lines += [f"### HumanEval: failing greedy completions (p={b['p']}, {b['samples']} samples)", "",
-                  f"{b['problems']} problems, {b['failed']} fail; reconstructed replies agree with the greedy "
-                  f"argmax at {b['greedy_accuracy']:.1%} of their tokens.", "",
+                  f"{b['problems']} problems (indices {b['span']}), {b['failed']} fail; reconstructed replies agree "
+                  f"with the greedy argmax at {b['greedy_accuracy']:.1%} of their tokens.", "",
                   "| score (per completion) | AUROC of failure | vs softmax entropy |", "|---|---|---|"]
         lines += [f"| {name} | {fmt(row)} |" for name, row in b["table"].items()]
         lines.append("")
     if summary.get("cost"):
         c = summary["cost"]
-        lines += ["### Cost", "", f"One {c['tokens']}-token window; median of 3 interleaved rounds.", "",
+        lines += ["### Cost", "", f"One {c['tokens']}-token window; median of 2 interleaved rounds.", "",
                   "| | seconds | x one forward |", "|---|---|---|",
                   f"| deterministic forward | {c['seconds']['forward']:.2f} | 1.00 |"]
         lines += [f"| uncertainty, {k} samples | {c['seconds'][k]:.2f} | {c['ratio'][k]:.2f} |" for k in c["ratio"]]
@@ -337,7 +339,7 @@ def main() -> None:
         summary["b"] = humaneval_table(data)
         summary_path.write_text(json.dumps(summary, indent=1))
     if "cost" in phases:
-        summary["cost"] = measure_cost(model, windows[0], [1, 4, 8])
+        summary["cost"] = measure_cost(model, windows[0][:129], [1, 4, 8])
         summary_path.write_text(json.dumps(summary, indent=1))
     if "c" in phases and args.relu_ps:
         hf_stochact.set_activation(model, "relu")  # stand-in: no fine-tune (see the docs page)
