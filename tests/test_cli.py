@@ -219,3 +219,135 @@ def test_frontier_rejects_a_bad_allocation(capsys):
         main(["frontier", "--model", "x", "--allocation", "teal"])
     assert exit_.value.code == 2
     assert "--allocation: item teal: must be one of uniform, greedy, block" in capsys.readouterr().err
+
+
+def test_a_hub_id_loads_from_the_cache_offline(tmp_path):
+    """A hub id is what from_pretrained accepts: here from a Hugging Face cache (the hub's own layout), offline."""
+    import os
+    import subprocess
+    import sys
+
+    commit = "0" * 40
+    repo = tmp_path / "hub-cache" / "models--me--tiny"
+    save_tiny(repo / "snapshots" / commit, act="silu")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub-cache"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "hf_stochact.cli", "generate", "--model", "me/tiny", "--prompt",
+                             "def f(x):", "--k", "2", "--max-new-tokens", "3", "--no-chat"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("2 completions") and "distinct of 2" in result.stdout
+
+
+def test_config_file_sets_options_and_flags_override_it(tmp_path, capsys):
+    import json
+
+    save_tiny(tmp_path / "m", act="silu")
+    yaml_file = tmp_path / "generate.yaml"
+    yaml_file.write_text(f"model: {tmp_path / 'm'}\nprompt: 'def f(x):'\nk: 3\nmax-new-tokens: 4\nchat: false\n"
+                         "p: 0.5\n")
+    assert main(["generate", "--config", str(yaml_file)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 completions, stochastic activations p=0.5") and "chat template" not in out
+    assert main(["generate", "--config", str(yaml_file), "--k", "2", "--p", "0.7"]) == 0  # the command line wins
+    assert capsys.readouterr().out.startswith("2 completions, stochastic activations p=0.7")
+    json_file = tmp_path / "sparsity.json"
+    json_file.write_text(json.dumps({"model": str(tmp_path / "m"), "eval_chars": 2000, "window": 32,
+                                     "max_windows": 1, "target_cett": 0.3}))
+    assert main(["sparsity", "--config", str(json_file)]) == 0
+    assert "target CETT 0.3" in capsys.readouterr().out
+
+
+def test_config_file_text_options_take_lists_and_numbers(tmp_path):
+    import dataclasses
+
+    from hf_stochact.cli.args import read_config_file
+    from hf_stochact.cli.frontier import FrontierConfig
+
+    def read(text):
+        path = tmp_path / "f.yaml"
+        path.write_text(text)
+        return read_config_file(str(path), FrontierConfig)
+
+    assert read("sparsity: [0.25, 0.4]\nrelu-swap: false\n--rounds: 2\n") == {
+        "sparsity": "0.25,0.4", "relu_swap": False, "rounds": 2}
+    assert read("sparsity: 0.4\n") == {"sparsity": "0.4"} and read("") == {}
+    assert {f.name for f in dataclasses.fields(FrontierConfig)} >= {"sparsity", "relu_swap", "rounds"}
+
+
+def test_help_states_each_default_once():
+    import argparse
+    import importlib
+
+    from hf_stochact.cli import COMMANDS
+    from hf_stochact.cli.args import add_arguments
+
+    for module, cls_name, _ in COMMANDS.values():
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, getattr(importlib.import_module(module), cls_name))
+        for action in parser._actions:
+            assert (action.help or "").lower().count("default") <= 1, f"{cls_name} {action.option_strings}"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, importlib.import_module("hf_stochact.cli.relufy").RelufyConfig)
+    help_text = " ".join(parser.format_help().split())
+    assert "--text-column TEXT column holding the text (default: 'text', or the only string column) --eval-data" \
+        in help_text
+    assert "--steps N optimizer steps to fine-tune (default: 150)" in help_text
+
+
+def test_bench_warns_when_the_machine_is_busy(monkeypatch, capsys):
+    from hf_stochact.analysis import machine
+
+    monkeypatch.setattr(machine, "load", lambda: 99.0)
+    monkeypatch.setattr(machine, "_WARNED", [], raising=False)  # it warns once per process
+    assert main(["bench", "--shapes", "64x256", "--sparsities", "0.5", "--dtypes", "float32", "--rounds", "1",
+                 "--min-bytes", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "hf-stochact bench: warning: the machine is busy (1-minute load 99.00" in err, err
+
+
+def test_relufy_saves_in_the_sources_dtype_and_says_so(tmp_path, capsys, monkeypatch):
+    import json
+
+    import torch
+    from huggingface_hub import ModelCard
+    from safetensors import safe_open
+
+    from hf_stochact.cli.relufy import RelufyConfig, model_card, save_dtype
+
+    save_tiny(tmp_path / "m", act="silu")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).save_pretrained(tmp_path / "m")
+    (tmp_path / "docs").mkdir()
+    for i in range(4):
+        (tmp_path / "docs" / f"{i}.txt").write_text("def f(x):\n    return x + 1\n\n" * 40)
+    hf_home = tmp_path / "hf"  # accelerate's default config asks for 2 CPU processes: a warning, the run goes on
+    (hf_home / "accelerate").mkdir(parents=True)
+    (hf_home / "accelerate" / "default_config.yaml").write_text("distributed_type: MULTI_CPU\nnum_processes: 2\n")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    out = tmp_path / "out"
+    assert main(["relufy", "--model", str(tmp_path / "m"), "--output-dir", str(out), "--steps", "2",
+                 "--batch-size", "2", "--grad-accum", "1", "--block-size", "16", "--warmup-steps", "3",
+                 "--eval-chars", "800", "--eval-window", "16", "--data", str(tmp_path / "docs"),
+                 "--held-out-fraction", "0.25", "--lr", "1e-3"]) == 0
+    captured = capsys.readouterr()
+    assert "[5/5] saving bfloat16 weights to" in captured.out and "auto: the source's dtype" in captured.out
+    assert captured.err.count("hf-stochact relufy: warning: --warmup-steps: 3 warm-up steps is more than") == 1
+    assert captured.err.count("hf-stochact relufy: warning: accelerate config: accelerate's config") == 1
+    assert "--num_processes 2 -m hf_stochact.cli relufy" in captured.err
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    report = json.loads((out / "relufy_report.json").read_text())
+    assert report["save_dtype"] == "bfloat16" and report["base_model"] is None
+    card = ModelCard((out / "README.md").read_text())
+    assert card.data.library_name == "transformers" and card.data.base_model is None
+    assert "| saved weights | bfloat16 (perplexity measured in float32, before the cast) |" in card.text
+    hub_card = ModelCard(model_card({**report, "base_model": "HuggingFaceTB/SmolLM2-135M"}))
+    assert hub_card.data.base_model == "HuggingFaceTB/SmolLM2-135M" and hub_card.data.base_model_relation == "finetune"
+    assert save_dtype(RelufyConfig(model=str(tmp_path / "m"), save_dtype="float32"))[0] == torch.float32
+    assert save_dtype(RelufyConfig(model=str(out)))[0] == torch.bfloat16
+    gguf_dtype, why = save_dtype(RelufyConfig(gguf="x.gguf"))
+    assert gguf_dtype == torch.float32 and "dequantized from GGUF" in why

@@ -74,7 +74,7 @@ def test_float_lists_reject_non_finite_items(capsys):
     fails(["frontier", "--model", "x", "--sparsity", "0.4,nan"], capsys, "--sparsity", "item nan: must be a finite")
 
 
-@pytest.mark.parametrize("command", ["demo", "relufy", "generate"])
+@pytest.mark.parametrize("command", ["demo", "relufy", "generate", "uncertainty"])
 def test_seeds_outside_what_numpy_accepts_are_rejected(command, capsys):
     fails([command, "--seed=-1"], capsys, "--seed", "must be in [0, 4294967295], got -1")
     fails([command, f"--seed={2**32}"], capsys, "--seed")
@@ -251,3 +251,173 @@ def test_ctrl_c_is_one_line_and_exit_130(marker, argv, tmp_path, docs, models):
     assert proc.returncode == 130, err[-3000:]
     assert f"hf-stochact {argv[0]}: interrupted" in err and "Traceback" not in err, err[-3000:]
     assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "demo" / "final").exists()
+
+
+# ---- hub ids: accepted like from_pretrained, one line when they cannot be resolved ---------------------------------
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def hub_env(tmp_path, **extra):
+    """An empty Hugging Face cache, a hub endpoint where nothing listens (unreachable on every machine), short
+    timeouts."""
+    return dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub-cache"), HF_ENDPOINT="http://127.0.0.1:9",
+                HF_HUB_ETAG_TIMEOUT="3", HF_HUB_DOWNLOAD_TIMEOUT="3", HF_HUB_DISABLE_TELEMETRY="1", **extra)
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "unreachable"])
+def test_a_hub_id_that_cannot_be_resolved_is_one_line_and_fast(offline, tmp_path):
+    env = hub_env(tmp_path, **({"HF_HUB_OFFLINE": "1"} if offline else {}))
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "hf_stochact.cli", "generate", "--model", HUB_ID],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    seconds = time.perf_counter() - t0
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"hf-stochact generate: error: --model: could not load {HUB_ID!r}: not a folder, and ")
+    if offline:
+        assert "not in the Hugging Face cache while offline (HF_HUB_OFFLINE is set)" in last
+    else:
+        assert "the Hugging Face Hub is unreachable (offline?)" in last and "HF_HUB_OFFLINE=1" in last
+    assert seconds < 60, f"one request, no retries: {seconds:.0f} s"  # imports included; retries would take 23 s+
+
+
+def test_a_mistyped_local_path_fails_without_asking_the_hub(tmp_path, monkeypatch, models, capsys):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("asked the hub about a local path")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    fails(["generate", "--model", "./models/smol"], capsys, "--model", "no such model folder: ./models/smol (and "
+          "not a Hugging Face Hub id: USER/NAME")
+    fails(["generate", "--model", "models/smol"], capsys, "--model", "no such model folder: models/smol (and not a "
+          "Hugging Face Hub id: 'models' is a local folder, so this is a path)")
+    fails(["generate", "--model", str(tmp_path / "missing")], capsys, "--model", "no such model folder")
+    (tmp_path / "models" / "small.gguf").write_bytes(b"GGUF" + b"\0" * 16)
+    fails(["generate", "--model", "models/small.gguf"], capsys, "--model", "models/small.gguf is a file, not a "
+          "model folder or hub id: pass it as --gguf models/small.gguf")
+
+
+def test_hub_answers_become_one_line_naming_the_flag(monkeypatch, capsys):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
+
+    answer = {}
+
+    def metadata(url, *args, **kwargs):
+        response = httpx2.Response(404, request=httpx2.Request("HEAD", url))
+        raise answer["error"](f"404 for {url}", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", metadata)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    answer["error"] = RepositoryNotFoundError
+    fails(["generate", "--model", "me/nothing-here"], capsys, "--model", "could not load 'me/nothing-here': not a "
+          "folder, and the Hugging Face Hub has no model 'me/nothing-here'")
+    answer["error"] = RemoteEntryNotFoundError
+    fails(["generate", "--model", "me/gguf-only"], capsys, "--model", "could not load 'me/gguf-only': not a folder, "
+          "and the hub repo 'me/gguf-only' has no file 'config.json' (not a transformers model; for a GGUF repo add "
+          "--gguf FILE)")
+    fails(["generate", "--model", "me/repo", "--gguf", "x.gguf"], capsys, "--gguf", "could not load 'me/repo': not a "
+          "folder, and the hub repo 'me/repo' has no file 'x.gguf'")
+
+
+# ---- rough edges -----------------------------------------------------------------------------------------------------
+
+def test_frontier_requires_out_and_never_writes_into_docs(capsys):
+    fails(["frontier", "--model", "x"], capsys, "--out", "required: where to write <out>.json and <out>.png")
+
+
+def test_save_dtype_is_checked(models, capsys):
+    fails(["relufy", "--model", models["silu"], "--save-dtype", "fp16"], capsys, "--save-dtype",
+          "must be one of auto, float32, bfloat16, float16, got 'fp16'")
+
+
+def test_more_warmup_steps_than_steps_is_a_warning(models, tmp_path, capsys):
+    fails(["relufy", "--model", models["silu"], "--steps", "2", "--warmup-steps", "5", "--data",
+           str(tmp_path / "missing")], capsys, "--data")  # the warning, then the run goes on to the next check
+    with pytest.raises(SystemExit):
+        main(["relufy", "--model", models["silu"], "--steps", "2", "--warmup-steps", "5", "--data",
+              str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert err.count("hf-stochact relufy: warning: --warmup-steps: 5 warm-up steps is more than --steps (2): the "
+                     "learning rate never reaches --lr (5e-05); lower --warmup-steps\n") == 1, err
+
+
+def test_launched_as_one_process_by_an_accelerate_config_for_several_fails_before_loading(models, capsys,
+                                                                                         monkeypatch):
+    from hf_stochact.cli import relufy
+
+    monkeypatch.setattr(relufy, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch`'s simple launcher sets
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # ... when the config asked for more than one process
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    fails(["relufy", "--model", models["silu"]], capsys, "accelerate launch", "`accelerate launch` started this as 1 "
+          "process although its config asks for more (a MULTI_CPU config runs one process unless given "
+          "--mpirun_hostfile): for N processes on this machine's CPUs run `CUDA_VISIBLE_DEVICES= accelerate launch "
+          "--multi_gpu --num_processes N -m hf_stochact.cli relufy ...`")
+
+
+def test_accelerate_config_mismatch_is_detected(tmp_path):
+    from hf_stochact.cli.relufy import launch_mismatch
+
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    env = {"HF_HOME": str(tmp_path / "hf")}
+    assert launch_mismatch(env) is None, "no accelerate config"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n")
+    message, launched = launch_mismatch(env)
+    assert not launched and message == (
+        f"accelerate's config {config} asks for 2 processes (MULTI_CPU), but this runs as 1 process, started "
+        "directly: to use 2, run `CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 -m "
+        "hf_stochact.cli relufy ...`")
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 8\n")
+    assert f"run `accelerate launch --config_file {config} -m hf_stochact.cli relufy ...`" in launch_mismatch(env)[0]
+    assert launch_mismatch({**env, "WORLD_SIZE": "8", "RANK": "0"}) is None, "one of 8 processes: fine"
+    assert launch_mismatch({**env, "PMI_SIZE": "2"}) is None, "mpirun"
+    config.write_text("distributed_type: NO\nnum_processes: 1\n")
+    assert launch_mismatch(env) is None
+    launched_env = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True"}
+    assert launch_mismatch(launched_env) is None, "accelerate launch of a 1-process config"
+    assert launch_mismatch({**launched_env, "MASTER_ADDR": "127.0.0.1"})[1] is True
+
+
+def test_an_accelerate_config_passed_as_config_says_so(tmp_path, capsys):
+    path = tmp_path / "accelerate.yaml"
+    path.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n")
+    fails(["relufy", "--config", str(path)], capsys, "--config", f"{path} is an accelerate config (key "
+          f"'compute_environment'), not this command's options: run `accelerate launch --config_file {path} -m "
+          "hf_stochact.cli ...`")
+
+
+# ---- --config FILE: every value checked like its flag ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("stepz: 3\n", "{path}: unknown key 'stepz'; the options are: model, gguf, data, "),
+    ("steps: three\n", "{path}: steps: must be a whole number, got 'three'"),
+    ("steps: 2.5\n", "{path}: steps: must be a whole number, got 2.5"),
+    ("lr: [1, 2]\n", "{path}: lr: must be a number, got [1, 2]"),
+    ("bf16: 'yes'\n", "{path}: bf16: must be true or false, got 'yes'"),
+    ("- steps\n", "{path}: must hold a mapping of option names to values, got a list"),
+    ("steps: [\n", "{path}: not valid YAML: "),
+])
+def test_config_file_errors_name_the_file_and_key(content, message, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(content)
+    fails(["relufy", "--config", str(path)], capsys, "--config", message.format(path=path))
+
+
+def test_config_file_values_get_the_flags_checks(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": "MISSING", "p": 1.5}))
+    fails(["relufy", "--config", str(path)], capsys, "--p", f"must be in [0, 1], got 1.5 (set in {path})")
+    fails(["relufy", "--config", str(path), "--p", "2"], capsys, "--p", "must be in [0, 1], got 2.0")  # not the file's
+    fails(["relufy", "--config", str(tmp_path / "none.yaml")], capsys, "--config", "no such file")
+    fails(["relufy", "--config", str(tmp_path / "run.txt")], capsys, "--config", "'")
+    path.write_text("{oops")
+    fails(["relufy", "--config", str(path)], capsys, "--config", f"{path}: not valid JSON: JSONDecodeError")

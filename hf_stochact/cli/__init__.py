@@ -2,7 +2,8 @@
 
 Each command's options are the fields of its config dataclass (:mod:`hf_stochact.cli.args`): every flag has help
 text, every value is checked before a model is loaded, and a bad value ends the command with
-``hf-stochact <command>: error: --flag: ...`` and exit status 2 (no traceback).
+``hf-stochact <command>: error: --flag: ...`` and exit status 2 (no traceback). ``--config FILE`` (YAML or JSON)
+sets any of a command's options; flags on the command line override the file.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import dataclasses
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
 from .. import __version__
-from .args import UsageError, add_arguments, validate
+from .args import CONFIG_HELP, UsageError, UsageWarning, add_arguments, read_config_file, validate
 
 # command: (module with a <Name>Config dataclass and run(cfg), config class name, help)
 COMMANDS = {
@@ -53,17 +56,26 @@ def main(argv: list[str] | None = None) -> int:
             cls = getattr(importlib.import_module(module), cls_name)
             parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
             add_arguments(parsers[name], cls)
+            parsers[name].add_argument("--config", metavar="FILE", default="", help=CONFIG_HELP)
         args = parser.parse_args(argv)
         prog = parsers[args.command].prog
         module_name, cls_name, _ = COMMANDS[args.command]
         module = importlib.import_module(module_name)
         cls = getattr(module, cls_name)
-        cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-        try:
-            validate(cfg)  # every value, before any model is loaded
-            module.run(cfg)
-        except UsageError as error:  # also raised while loading a model the checks could not vet (e.g. bad weights)
-            parsers[args.command].error(_one_line(str(error)))
+        from_file: dict = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UsageWarning)  # shown once each by _show_warning
+            warnings.showwarning = _show_warning(prog, warnings.showwarning)
+            try:
+                if args.config:  # the file's values become the defaults; the command line overrides them
+                    from_file = read_config_file(args.config, cls)
+                    parsers[args.command].set_defaults(**from_file)
+                    args = parser.parse_args(argv)
+                cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+                validate(cfg)  # every value, before any model is loaded
+                module.run(cfg)
+            except UsageError as error:  # also raised while loading a model the checks could not vet
+                parsers[args.command].error(_one_line(str(error)) + _from_file(error, args, from_file))
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)  # a new line: a progress bar may hold the current one
         raise SystemExit(130) from None
@@ -90,6 +102,33 @@ def _machine_errors() -> tuple[type[BaseException], ...]:
     torch = sys.modules.get("torch")
     oom = getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
     return OSError, MemoryError, oom
+
+
+def _from_file(error: UsageError, args, from_file: dict) -> str:
+    """`` (set in FILE)`` where the bad value came from the --config file."""
+    name = error.flag.lstrip("-").replace("-", "_")
+    if name in from_file and getattr(args, name, object()) == from_file[name]:
+        return f" (set in {args.config})"
+    return ""
+
+
+def _show_warning(prog: str, show):
+    """Warnings of hf_stochact (a :class:`UsageWarning`, a busy machine, ...) as one line
+    ``hf-stochact <command>: warning: ...``, each once (the checks run in ``main`` and again in ``run``); any other
+    warning as Python shows it."""
+    package = Path(__file__).resolve().parent.parent
+    shown: set[str] = set()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UsageWarning) or Path(filename).resolve().is_relative_to(package):
+            text = _one_line(str(message))
+            if text not in shown:
+                shown.add(text)
+                print(f"{prog}: warning: {text}", file=sys.stderr if file is None else file)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
 
 
 def _one_line(message: str) -> str:

@@ -3,7 +3,9 @@
 :func:`add_arguments` turns a config class into argparse flags (with their help text and default); after parsing,
 :func:`validate` runs every field's check and the config's own ``check()`` (cross-field rules, model paths) before
 any model is loaded. A failed check raises :class:`UsageError` naming the flag; ``hf-stochact`` reports it as
-``hf-stochact <command>: error: --flag: ...`` with exit status 2 (argparse's convention), never as a traceback.
+``hf-stochact <command>: error: --flag: ...`` with exit status 2 (argparse's convention), never as a traceback;
+a :class:`UsageWarning` (a value that runs, but probably not as meant) as ``hf-stochact <command>: warning: ...``.
+:func:`read_config_file` reads the same options from a YAML or JSON file (``--config``), HfArgumentParser-style.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ from typing import Any
 
 class UsageError(ValueError):
     """A bad command-line value: ``flag`` is the option as typed (``--p``), ``message`` what is wrong with it."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag, self.message = flag, message
+
+
+class UsageWarning(UserWarning):
+    """A value that runs, but probably not as the user meant: ``hf-stochact`` prints it as one line."""
 
     def __init__(self, flag: str, message: str):
         super().__init__(f"{flag}: {message}")
@@ -157,16 +167,19 @@ def _not_utf8(value: Any) -> str | None:
 # ---- argparse glue ----------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of the config dataclass ``cls``, with its help text and default."""
+    """One flag per field of the config dataclass ``cls``, with its help text and default (appended unless the help
+    text already says what the default is)."""
     for f in dataclasses.fields(cls):
         meta = f.metadata
         help_text = meta.get("help", "")
+        says_default = "default" in help_text.lower()
         if meta.get("flag") or isinstance(f.default, bool):
             parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text + ("" if f.default is None else f" (default: {f.default})"))
+                                help=help_text + ("" if f.default is None or says_default
+                                                  else f" (default: {f.default})"))
         else:
             parser.add_argument(flag_name(f.name), type=type(f.default), default=f.default, metavar=_metavar(f),
-                                help=f"{help_text} (default: {f.default!r})")
+                                help=help_text + ("" if says_default else f" (default: {f.default!r})"))
 
 
 def _metavar(f: dataclasses.Field) -> str:
@@ -189,3 +202,84 @@ def validate(cfg: Any) -> None:
     own = getattr(cfg, "check", None)
     if callable(own):
         own()
+
+
+# ---- --config FILE ----------------------------------------------------------------------------------------------
+
+CONFIG_HELP = "read options from a YAML (.yaml/.yml) or JSON file whose keys are this command's option names " \
+              "(text_column or text-column); flags on the command line override it"
+
+
+def read_config_file(path: str, cls: type) -> dict[str, Any]:
+    """The options in the YAML/JSON file ``path`` for the config dataclass ``cls``, as ``{field name: value}``.
+
+    Keys are option names (``text_column``, ``text-column`` or ``--text-column``); values are converted to the
+    option's type as the flag's text would be (an int for an int option; a number for a float; true/false for a
+    switch, or null for an automatic one; text, a number or a list, joined with commas, for a text option). The
+    values' own checks run later, in :func:`validate`, as for flags.
+
+    Raises:
+        UsageError: naming ``--config``: no such file, not YAML/JSON, not a mapping, an unknown key (the known ones
+            are listed), a value of the wrong kind.
+    """
+    file = Path(path)
+    if file.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise UsageError("--config", f"{path!r}: name a .yaml, .yml or .json file")
+    if not file.is_file():
+        raise UsageError("--config", f"no such file: {path!r}")
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix.lower() == ".json":
+            import json
+
+            content = json.loads(text)
+        else:
+            import yaml
+
+            content = yaml.safe_load(text)
+    except Exception as error:  # noqa: BLE001 - json/yaml/decoding errors: one line naming the file
+        first = str(error).strip().splitlines()
+        raise UsageError("--config", f"{path}: not valid {file.suffix[1:].upper()}: {type(error).__name__}"
+                                     f"{': ' + first[0] if first else ''}") from error
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise UsageError("--config", f"{path}: must hold a mapping of option names to values, got a "
+                                     f"{type(content).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in content.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in fields:
+            if name in ("compute_environment", "distributed_type", "num_processes"):
+                raise UsageError("--config", f"{path} is an accelerate config (key {key!r}), not this command's "
+                                             f"options: run `accelerate launch --config_file {path} -m "
+                                             "hf_stochact.cli ...`")
+            raise UsageError("--config", f"{path}: unknown key {key!r}; the options are: {', '.join(fields)}")
+        error = _config_value(fields[name], value)
+        if isinstance(error, str):
+            raise UsageError("--config", f"{path}: {key}: {error}")
+        values[name] = error[0]
+    return values
+
+
+def _config_value(f: dataclasses.Field, value: Any) -> tuple[Any] | str:
+    """(the value converted to the option's type,) or an error message."""
+    kind = type(f.default)
+    if f.metadata.get("flag") or kind is bool:
+        if isinstance(value, bool) or (value is None and f.default is None):
+            return (value,)
+        return f"must be true or false{' or null (automatic)' if f.default is None else ''}, got {value!r}"
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)
+        return f"must be a whole number, got {value!r}"
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return (float(value),)
+        return f"must be a number, got {value!r}"
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        return (",".join(str(v) for v in value),)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return (str(value),)
+    return f"must be text, got {value!r}"

@@ -28,7 +28,7 @@ from ..analysis.metrics import perplexity
 from ..inference.sparse import sparse_stats, sparsify, unsparsify
 from ..inference.thresholds import ALLOCATIONS, Thresholds, calibrate_thresholds
 from ..training.schedule import set_activation
-from .args import at_least, comma_list, fraction_below_one, one_of, option, output_file, validate
+from .args import UsageError, at_least, comma_list, fraction_below_one, one_of, option, output_file, validate
 from .loading import load_causal_lm, resolve_model
 from .relufy import RelufyConfig, eval_ids
 
@@ -37,7 +37,8 @@ PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n
 
 @dataclasses.dataclass
 class FrontierConfig:
-    model: str = option("", "model folder (config.json, weights, tokenizer); with --gguf, the folder of the file")
+    model: str = option("", "model folder (config.json, weights, tokenizer) or Hugging Face Hub id; with --gguf, "
+                            "the folder or hub repo of the file")
     gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
     sparsity: str = option("0.25,0.4,0.5", "model-wide input sparsities to calibrate, comma-separated (empty: no "
                                            "threshold points, e.g. to measure --relu-model folders only)",
@@ -53,10 +54,13 @@ class FrontierConfig:
     threads: int = option(2, "torch threads", check=at_least(1))
     dtype: str = option("float32", "weight dtype of every point (float32, bfloat16: the loops read both)",
                         check=one_of("float32", "bfloat16"))
-    out: str = option("docs/frontier", "write <out>.json and <out>.png (the folder is created)",
-                      check=output_file(create_folder=True))
+    out: str = option("", "required: write <out>.json and <out>.png, e.g. runs/frontier/smollm2 (the folder is "
+                          "created)", check=output_file(create_folder=True))
 
     def check(self) -> None:
+        if not self.out:
+            raise UsageError("--out", "required: where to write <out>.json and <out>.png, e.g. --out "
+                                      "runs/frontier/smollm2 (the folder is created)")
         resolve_model(self.model, self.gguf)
         for folder in filter(None, self.relu_model.split(",")):
             resolve_model(folder, "", model_flag="--relu-model")

