@@ -294,50 +294,112 @@ MULTIVERSION static void rows_dot(const void *W, int dtype, const float *x, cons
     }
 }
 
-/* y[t, :] = sum_j h[t, j] * WT[idx[j], :] (+ bias). Columns are split across threads, one contiguous slice each
- * (a multiple of 16 floats), so every gathered row is read as one long run per thread and no reduction between
- * threads is needed; y[:, slice] stays in L1/L2 while the rows stream through, R rows per pass. */
-#define DEFINE_AXPYR(NAME, TYPE, LOAD, LINE)                                                                      \
-    static inline void NAME(const TYPE *WT, const float *h, const int64_t *idx, float *y, Py_ssize_t d,        \
-                            Py_ssize_t k, Py_ssize_t T, Py_ssize_t c0, Py_ssize_t c1) {                        \
-        Py_ssize_t groups = (k + R - 1) / R;                                                                   \
+/* ---------------------------------------------------------------------------------------------------------------
+ * y = h[:, idx] WT[idx] + b for one or several weights ("members"), the down step of every sparse path.
+ *
+ * The active rows of each member are split between the threads (each reads one contiguous stretch of the weight,
+ * which the hardware prefetcher follows even with rows skipped), each thread sums into its own partial output,
+ * and the partials are added column-wise at the end. One OpenMP region covers every member of the call. */
+
+/* y[t * d + c] += sum_{j < n} h[t * hs + j] * WT[idx[j] * d + c], four rows per pass (the tail repeats a row with
+ * weight 0), the next pass's rows prefetched */
+#define DEFINE_AXPY_ROWS(NAME, TYPE, LOAD, LINE)                                                                  \
+    static inline void NAME(const TYPE *WT, const float *h, Py_ssize_t hs, const int64_t *idx, Py_ssize_t n,   \
+                            float *y, Py_ssize_t d, Py_ssize_t T) {                                            \
+        Py_ssize_t groups = (n + R - 1) / R;                                                                   \
         for (Py_ssize_t g = 0; g < groups; ++g) {                                                              \
             const TYPE *rows[R], *nxt[R] = {0}; /* read only when pf */                                        \
-            group_rows((const char *)WT, d * sizeof(TYPE), idx, k, g, (const char **)rows);                    \
-            int pf = g + 1 < groups;                                                            \
-            if (pf) group_rows((const char *)WT, d * sizeof(TYPE), idx, k, g + 1, (const char **)nxt);         \
+            group_rows((const char *)WT, d * sizeof(TYPE), idx, n, g, (const char **)rows);                    \
+            int pf = g + 1 < groups;                                                                           \
+            if (pf) group_rows((const char *)WT, d * sizeof(TYPE), idx, n, g + 1, (const char **)nxt);         \
+            const TYPE *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];                             \
             for (Py_ssize_t t = 0; t < T; ++t) {                                                               \
                 float hr[R];                                                                                   \
-                for (int r = 0; r < R; ++r) hr[r] = g * R + r < k ? h[t * k + g * R + r] : 0.0f;                \
+                for (int r = 0; r < R; ++r) hr[r] = g * R + r < n ? h[t * hs + g * R + r] : 0.0f;               \
                 float *yt = y + t * d;                                                                         \
-                const TYPE *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];                         \
-                for (Py_ssize_t a = c0; a < c1; a += W16) {                                                    \
-                    Py_ssize_t b = a + W16 < c1 ? a + W16 : c1;                                                \
+                for (Py_ssize_t a = 0; a < d; a += W16) {                                                      \
+                    Py_ssize_t b = a + W16 < d ? a + W16 : d;                                                  \
                     if (pf && t == 0 && a % LINE == 0)                                                         \
-                        for (int r = 0; r < R; ++r) PREFETCH(nxt[r] + a);                     \
-                    PRAGMA_SIMD for (Py_ssize_t c = a; c < b; ++c) yt[c] +=                            \
+                        for (int r = 0; r < R; ++r) PREFETCH(nxt[r] + a);                                      \
+                    PRAGMA_SIMD for (Py_ssize_t c = a; c < b; ++c) yt[c] +=                                    \
                         hr[0] * LOAD(r0, c) + hr[1] * LOAD(r1, c) + hr[2] * LOAD(r2, c) + hr[3] * LOAD(r3, c); \
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
     }
-DEFINE_AXPYR(axpyr_f32, float, LOAD_F32, 16)
-DEFINE_AXPYR(axpyr_bf16, uint16_t, LOAD_BF16, 32)
+DEFINE_AXPY_ROWS(axpy_rows_f32, float, LOAD_F32, 16)
+DEFINE_AXPY_ROWS(axpy_rows_bf16, uint16_t, LOAD_BF16, 32)
 
-MULTIVERSION static void rows_axpy(const void *WT, int dtype, const float *h, const int64_t *idx, float *y,
-                                   const float *bias, Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
-    int parts = k * d > PARALLEL_MIN ? nthreads : 1;
-    Py_ssize_t slice = ((d + parts - 1) / parts + W16 - 1) / W16 * W16;
-#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
-    for (int p = 0; p < parts; ++p) {
-        Py_ssize_t c0 = p * slice, c1 = c0 + slice < d ? c0 + slice : d;
-        for (Py_ssize_t t = 0; t < T; ++t)
-            for (Py_ssize_t c = c0; c < c1; ++c) y[t * d + c] = bias ? bias[c] : 0.0f;
-        if (dtype == 0)
-            axpyr_f32((const float *)WT, h, idx, y, d, k, T, c0, c1);
-        else
-            axpyr_bf16((const uint16_t *)WT, h, idx, y, d, k, T, c0, c1);
+typedef struct {
+    const void *w;   /* WT [d_in, d_out], rows contiguous */
+    const float *b;  /* bias [d_out] or NULL */
+    void *y;         /* [T, d_out]: float32, or bfloat16 when io */
+    Py_ssize_t d;    /* d_out */
+    int dtype;       /* of w: 0 float32, 1 bfloat16 */
+    float thr;       /* inputs with |x| <= thr count as 0 */
+    Py_ssize_t k;    /* active rows (set by the call) */
+    int64_t *idx;    /* their indices */
+    float *h;        /* [T, k] their values (another token's value may have kept the row: 0 there) */
+    float *part;     /* [P, T, d] partial outputs */
+    float *yf;       /* [T, d] float32 output (y itself unless io) */
+} Member;
+
+MULTIVERSION static void sparse_rows_run(Member *m, int nm, Py_ssize_t T, int parts) {
+#pragma omp parallel num_threads(parts) if (parts > 1)
+    {
+#ifdef _OPENMP
+        int p = omp_get_thread_num(), P = omp_get_num_threads();
+#else
+        int p = 0, P = 1;
+#endif
+        for (int i = 0; i < nm; ++i) {
+            Member *mm = &m[i];
+            if (mm->k < 0) continue;
+            Py_ssize_t n = mm->k, d = mm->d;
+            Py_ssize_t r0 = n * p / P, r1 = n * (p + 1) / P;
+            float *acc = P == 1 ? mm->yf : mm->part + (Py_ssize_t)p * T * d;
+            if (P == 1) {
+                for (Py_ssize_t t = 0; t < T; ++t)
+                    for (Py_ssize_t c = 0; c < d; ++c) acc[t * d + c] = mm->b ? mm->b[c] : 0.0f;
+            } else {
+                memset(acc, 0, (size_t)(T * d) * sizeof(float));
+            }
+            if (r1 > r0) {
+                if (mm->dtype == 0)
+                    axpy_rows_f32((const float *)mm->w, mm->h + r0, n, mm->idx + r0, r1 - r0, acc, d, T);
+                else
+                    axpy_rows_bf16((const uint16_t *)mm->w, mm->h + r0, n, mm->idx + r0, r1 - r0, acc, d, T);
+            }
+        }
+        if (P > 1) {
+#pragma omp barrier
+            for (int i = 0; i < nm; ++i) {
+                Member *mm = &m[i];
+                if (mm->k < 0) continue;
+                Py_ssize_t d = mm->d, c0 = d * p / P, c1 = d * (p + 1) / P;
+                for (Py_ssize_t t = 0; t < T; ++t) {
+                    float *yt = mm->yf + t * d;
+                    for (Py_ssize_t c = c0; c < c1; ++c) {
+                        float s = mm->b ? mm->b[c] : 0.0f;
+                        for (int q = 0; q < P; ++q) s += mm->part[((Py_ssize_t)q * T + t) * d + c];
+                        yt[c] = s;
+                    }
+                }
+            }
+        }
     }
+}
+
+/* y = h WT[idx] + bias for one weight (h [T, k] the values of the k active rows idx): the down step of
+ * sparse_gated_mlp and sparse_down */
+static void rows_axpy(const void *WT, int dtype, const float *h, const int64_t *idx, float *y, const float *bias,
+                      Py_ssize_t d, Py_ssize_t k, Py_ssize_t T, int nthreads) {
+    int P = k * d * T > PARALLEL_MIN && nthreads > 1 ? nthreads : 1;
+    float *part = P > 1 ? (float *)malloc((size_t)P * (size_t)(T * d) * sizeof(float)) : NULL;
+    if (part == NULL) P = 1; /* no memory for partial sums: one thread */
+    Member m = {WT, bias, y, d, dtype, 0.0f, k, (int64_t *)idx, (float *)h, part, y};
+    sparse_rows_run(&m, 1, T, P);
+    free(part);
 }
 
 
@@ -470,100 +532,7 @@ static PyObject *py_sparse_down(PyObject *self, PyObject *args) {
  * 3. Input-sparse linear layers that read one input, in one call (q/k/v; gate/up; any single layer)
  *
  *   sparse_rows:  for each member m: idx_m = union over tokens of {i : |x[t, i]| > thr_m},
- *                 y_m = x[:, idx_m] WT_m[idx_m] + b_m
- *
- * The active rows of each member are split between the threads (each reads one contiguous stretch of the weight,
- * which the hardware prefetcher follows even with rows skipped), each thread sums into its own partial output,
- * and the partials are added column-wise at the end. One OpenMP region covers every member of the call. */
-
-/* y[t * d + c] += sum_{j < n} h[t * hs + j] * WT[idx[j] * d + c], four rows per pass (the tail repeats a row with
- * weight 0), the next pass's rows prefetched */
-#define DEFINE_AXPY_ROWS(NAME, TYPE, LOAD, LINE)                                                                  \
-    static inline void NAME(const TYPE *WT, const float *h, Py_ssize_t hs, const int64_t *idx, Py_ssize_t n,   \
-                            float *y, Py_ssize_t d, Py_ssize_t T) {                                            \
-        Py_ssize_t groups = (n + R - 1) / R;                                                                   \
-        for (Py_ssize_t g = 0; g < groups; ++g) {                                                              \
-            const TYPE *rows[R], *nxt[R] = {0}; /* read only when pf */                                        \
-            group_rows((const char *)WT, d * sizeof(TYPE), idx, n, g, (const char **)rows);                    \
-            int pf = g + 1 < groups;                                                                           \
-            if (pf) group_rows((const char *)WT, d * sizeof(TYPE), idx, n, g + 1, (const char **)nxt);         \
-            const TYPE *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];                             \
-            for (Py_ssize_t t = 0; t < T; ++t) {                                                               \
-                float hr[R];                                                                                   \
-                for (int r = 0; r < R; ++r) hr[r] = g * R + r < n ? h[t * hs + g * R + r] : 0.0f;               \
-                float *yt = y + t * d;                                                                         \
-                for (Py_ssize_t a = 0; a < d; a += W16) {                                                      \
-                    Py_ssize_t b = a + W16 < d ? a + W16 : d;                                                  \
-                    if (pf && t == 0 && a % LINE == 0)                                                         \
-                        for (int r = 0; r < R; ++r) PREFETCH(nxt[r] + a);                                      \
-                    PRAGMA_SIMD for (Py_ssize_t c = a; c < b; ++c) yt[c] +=                                    \
-                        hr[0] * LOAD(r0, c) + hr[1] * LOAD(r1, c) + hr[2] * LOAD(r2, c) + hr[3] * LOAD(r3, c); \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
-    }
-DEFINE_AXPY_ROWS(axpy_rows_f32, float, LOAD_F32, 16)
-DEFINE_AXPY_ROWS(axpy_rows_bf16, uint16_t, LOAD_BF16, 32)
-
-typedef struct {
-    const void *w;   /* WT [d_in, d_out], rows contiguous */
-    const float *b;  /* bias [d_out] or NULL */
-    void *y;         /* [T, d_out]: float32, or bfloat16 when io */
-    Py_ssize_t d;    /* d_out */
-    int dtype;       /* of w: 0 float32, 1 bfloat16 */
-    float thr;       /* inputs with |x| <= thr count as 0 */
-    Py_ssize_t k;    /* active rows (set by the call) */
-    int64_t *idx;    /* their indices */
-    float *h;        /* [T, k] their values (another token's value may have kept the row: 0 there) */
-    float *part;     /* [P, T, d] partial outputs */
-    float *yf;       /* [T, d] float32 output (y itself unless io) */
-} Member;
-
-MULTIVERSION static void sparse_rows_run(Member *m, int nm, Py_ssize_t T, int parts) {
-#pragma omp parallel num_threads(parts) if (parts > 1)
-    {
-#ifdef _OPENMP
-        int p = omp_get_thread_num(), P = omp_get_num_threads();
-#else
-        int p = 0, P = 1;
-#endif
-        for (int i = 0; i < nm; ++i) {
-            Member *mm = &m[i];
-            if (mm->k < 0) continue;
-            Py_ssize_t n = mm->k, d = mm->d;
-            Py_ssize_t r0 = n * p / P, r1 = n * (p + 1) / P;
-            float *acc = P == 1 ? mm->yf : mm->part + (Py_ssize_t)p * T * d;
-            if (P == 1) {
-                for (Py_ssize_t t = 0; t < T; ++t)
-                    for (Py_ssize_t c = 0; c < d; ++c) acc[t * d + c] = mm->b ? mm->b[c] : 0.0f;
-            } else {
-                memset(acc, 0, (size_t)(T * d) * sizeof(float));
-            }
-            if (r1 > r0) {
-                if (mm->dtype == 0)
-                    axpy_rows_f32((const float *)mm->w, mm->h + r0, n, mm->idx + r0, r1 - r0, acc, d, T);
-                else
-                    axpy_rows_bf16((const uint16_t *)mm->w, mm->h + r0, n, mm->idx + r0, r1 - r0, acc, d, T);
-            }
-        }
-        if (P > 1) {
-#pragma omp barrier
-            for (int i = 0; i < nm; ++i) {
-                Member *mm = &m[i];
-                if (mm->k < 0) continue;
-                Py_ssize_t d = mm->d, c0 = d * p / P, c1 = d * (p + 1) / P;
-                for (Py_ssize_t t = 0; t < T; ++t) {
-                    float *yt = mm->yf + t * d;
-                    for (Py_ssize_t c = c0; c < c1; ++c) {
-                        float s = mm->b ? mm->b[c] : 0.0f;
-                        for (int q = 0; q < P; ++q) s += mm->part[((Py_ssize_t)q * T + t) * d + c];
-                        yt[c] = s;
-                    }
-                }
-            }
-        }
-    }
-}
+ *                 y_m = x[:, idx_m] WT_m[idx_m] + b_m   (the machinery of section 2's down step) */
 
 /* sparse_rows(x, T, d_in, max_active, io, nthreads, parallel_min, ys, members) -> tuple of k (or -1: more than
  * max_active rows active; that member's output is left unwritten and the caller finishes it densely). members: a
