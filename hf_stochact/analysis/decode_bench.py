@@ -57,12 +57,17 @@ def llama_cpp_decoder(path: Path, threads: int, n_ctx: int) -> Callable[[list[in
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
                 verbose=False)
 
+    vocab = llm.n_vocab()
+
+    def last_logits():  # the logits of the last token evaluated (llama-cpp-python keeps no copy without logits_all)
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))
+
     def decode(prompt: list[int], n: int) -> list[int]:
         llm.reset()
         llm.eval(prompt)
         out = []
         for _ in range(n):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
             out.append(token)
             if len(out) < n:
                 llm.eval([token])
