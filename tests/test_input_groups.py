@@ -186,3 +186,33 @@ def test_inference_mode_decodes_the_same_tokens():
         expected = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.inference_mode():  # inference tensors have no version counter: the hand-over checks identity
         assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)
+
+
+def test_the_portable_loop_and_the_avx512_loop_agree(tmp_path):
+    """The AVX-512 path is picked at run time where the CPU has it; HF_STOCHACT_NO_AVX512 forces the portable loop.
+    Both sum the same products (in another order): equal within float32 rounding, on any CPU this runs on."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, sys\n"
+        "from hf_stochact.kernels import ops\n"
+        "torch.manual_seed(0)\n"
+        "out = []\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    x = torch.randn(3, 200).to(dtype)\n"
+        "    ws = [torch.randn(200, d).to(dtype) for d in (37, 256)]\n"
+        "    ys, _ = ops.sparse_rows_cpu(x, ws, [None, torch.randn(256)], [0.4, 0.0], 1.0)\n"
+        "    out += [y.float() for y in ys]\n"
+        "torch.save(out, sys.argv[1])\n")
+    results = []
+    for flag in ("", "1"):
+        path = tmp_path / f"out{flag}.pt"
+        env = {**os.environ, "HF_STOCHACT_NO_AVX512": flag} if flag else {
+            k: v for k, v in os.environ.items() if k != "HF_STOCHACT_NO_AVX512"}
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env)
+        results.append(torch.load(path))
+    for i, (a, b) in enumerate(zip(*results)):
+        tol = 1e-4 if i < 2 else 2e-2  # float32 outputs; bfloat16 outputs may round one ulp apart
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
