@@ -3,6 +3,7 @@ and stochastic decoding: same tokens as eager, no graph breaks, undoable."""
 
 import pytest
 import torch
+import torch._dynamo
 from helpers import tiny_llama
 from torch import nn
 
@@ -13,8 +14,6 @@ from hf_stochact.inference.fast import is_fast
 
 @pytest.mark.slow
 def test_fast_decode_of_a_sparsified_model_equals_eager_with_no_graph_breaks():
-    import torch._dynamo
-
     model = tiny_llama("relu").eval()  # exact ReLU FFNs + thresholds on attention
     calibrate_thresholds(model, torch.randint(3, 97, (4, 32)), 0.4, allocation="uniform")
     sparsify(model, max_density=1.0)

@@ -299,12 +299,12 @@ class SparseDownProjection(_Wrapper):
 class InputGroup:
     """Thresholded layers that read the same input tensor (q/k/v of an attention, gate/up of an FFN), found at
     calibration (``Thresholds.groups``). In an eager decode step the first member called computes every member's
-    output in one operator call (``sparse_rows``: one pass over the input, one OpenMP region, one allocation); the
-    others, when called with the *same* tensor (same object, unmodified since), take their result instead of
-    computing it. Each member is still called, so its hooks fire; a member whose input differs (a pre-hook that
-    replaced it, a different call order, an in-place change since: the version counter, which inference tensors
-    lack — under ``torch.inference_mode`` only the identity is checked) computes its own. The hand-over is per thread (``threading.local``):
-    concurrent decodes on one model never see each other's results."""
+    output in one operator call (``sparse_rows``: one pass over the input, one OpenMP region); the others, when
+    called with the *same* tensor (same object, unmodified since), take their result instead of computing it. Each
+    member is still called, so its hooks fire; a member whose input differs (a pre-hook that replaced it, a
+    different call order, an in-place change since: the version counter, which inference tensors lack — under
+    ``torch.inference_mode`` only the identity is checked) computes its own. The hand-over is per thread
+    (``threading.local``): concurrent decodes on one model never see each other's results."""
 
     def __init__(self, members: list[ThresholdedLinear]):
         self.members = members
