@@ -235,8 +235,7 @@ def compare(model_dir: str, gguf: str, settings: CompareSettings, progress: Call
             first = (s, th, p)
             if settings.fast:
                 variants.append(Variant(f"HF fast_decode + thresholds {s:.0%}", "HF+hf_stochact", "fp32",
-                                        hf_decoder(fast_decode(m if len(settings.sparsities) == 1 else
-                                                               copy.deepcopy(m)), pad), p, note))
+                                        hf_decoder(fast_decode(copy.deepcopy(m)), pad), p, note))
     if settings.bf16:
         dense16 = copy.deepcopy(model).to(torch.bfloat16)
         p16 = ppl(dense16)
