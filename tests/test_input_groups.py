@@ -216,3 +216,17 @@ def test_the_portable_loop_and_the_avx512_loop_agree(tmp_path):
     for i, (a, b) in enumerate(zip(*results)):
         tol = 1e-4 if i < 2 else 2e-2  # float32 outputs; bfloat16 outputs may round one ulp apart
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_a_result_left_from_a_no_grad_call_is_never_handed_to_a_call_that_records_gradients():
+    model = tiny_llama("silu", layers=1)
+    calibrate_thresholds(model, calib(), sparsity=0.3, allocation="uniform")
+    sparsify(model, max_density=1.0)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 1, 32, requires_grad=True)
+    with torch.no_grad():
+        attn.q_proj(x)  # leaves k's and v's results for this very x
+    k = attn.k_proj(x)  # autograd on: the dense path on the masked input, with a history
+    assert k.grad_fn is not None
+    k.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

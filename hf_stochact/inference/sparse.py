@@ -409,7 +409,7 @@ class ThresholdedLinear(_Wrapper):
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group
         eager = not torch.compiler.is_compiling()
-        if group is not None and eager:
+        if group is not None and eager and not _needs_grad(self, x):  # (a hand-over has no autograd history)
             y = group.take(self, x)
             if y is not None:
                 self.counter.add("sparse")
