@@ -245,3 +245,36 @@ def test_calibration_and_saved_thresholds_reject_bad_values_naming_them():
         Thresholds.from_dict({"values": {}, "layer_sparsity": {"a": "x"}})
     with pytest.raises(ValueError, match="thresholds must be a Thresholds"):
         sparsify(model, thresholds=[0.1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The LM head on the C loops' matrix-vector product
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lm_head_runs_on_the_loops_with_the_same_logits_and_tied_weights(tmp_path, dtype):
+    from hf_stochact.inference.sparse import RowsHead
+
+    config = tf.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, hidden_act="relu", tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config).eval().to(dtype)
+    ids = calib(1, 3, seed=5)
+    expected = one_token(model, ids)
+    sparsify(model, max_density=1.0)
+    assert isinstance(model.lm_head, RowsHead) and model.get_output_embeddings() is model.lm_head
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied, nothing copied
+    calls = []
+    model.lm_head.register_forward_hook(lambda m, a, o: calls.append(o.shape))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(one_token(model, ids), expected, rtol=tol, atol=tol)
+    assert calls == [(1, 3, 97)]
+    assert set(model.state_dict()) == set(unsparsify(copy.deepcopy(model)).state_dict())
+    # the head is not a thresholdable layer, before or after sparsify
+    th = calibrate_thresholds(model, calib(), sparsity=0.3, allocation="uniform", save=False)
+    assert "lm_head" not in th.values
+    sparsify(model, head=False)  # re-sparsify without the head: the plain nn.Linear is back
+    assert type(model.lm_head) is nn.Linear
+    torch.testing.assert_close(one_token(model, ids), expected, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="head must be True or False"):
+        sparsify(model, head="yes")

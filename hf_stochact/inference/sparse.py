@@ -53,6 +53,9 @@ class SparseConfig:
         max_density: at most this fraction of neurons active in the union over the tokens, in [0, 1]; more ->
             dense. The sparse loops break even with the dense MLP at about 75% active neurons (float32, one token,
             576x1536 on a 2-core Xeon; larger MLPs gain earlier: docs/sparse_inference.md).
+        head: also run the model's output embedding (the LM head, dense) through the C loops' matrix-vector
+            product for decode steps (:class:`RowsHead`): the same weights in place, read at about twice MKL's
+            batch-1 rate on SmolLM2's 576x49152 head (docs/decode_compare.md). Exact up to summation order.
         input_max_density: the same for thresholded linear layers (:class:`ThresholdedLinear`), in [0, 1]. The
             rows loop reads weights faster than the dense product on the masked input even with every input kept
             (1.3x-2.6x on SmolLM2's shapes, float32; docs/kernels.md), so by default it always runs.
@@ -64,8 +67,11 @@ class SparseConfig:
     max_tokens: int = 4
     max_density: float = 0.7
     input_max_density: float = 1.0
+    head: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.head, bool):
+            raise ValueError(f"head must be True or False, got {self.head!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or \
                 not 1 <= self.max_tokens <= kernels.MAX_TOKENS:
             raise ValueError(f"max_tokens must be an integer in [1, {kernels.MAX_TOKENS}], got {self.max_tokens!r}")
@@ -448,6 +454,32 @@ class ThresholdedLinear(_Wrapper):
         return f"{super().extra_repr()}, threshold={self.threshold:.4g}{group}"
 
 
+class RowsHead(_Wrapper):
+    """The output embedding (an ``nn.Linear``, often tied to the input embedding) on the C loops' dense
+    matrix-vector product for decode steps (``max_tokens`` tokens or fewer, CPU, float32/bfloat16 weights rows
+    contiguous, as ``nn.Linear`` holds them: nothing is copied or re-laid). Every other call, and any weight the loop
+    cannot read, runs the original layer. Same products as the dense layer, summed in another order. Not counted
+    in :func:`sparse_stats` (it skips nothing)."""
+
+    @property
+    def wrapped(self) -> nn.Module:
+        return self.original
+
+    def dense(self, *args: Any) -> Any:
+        return type(self.original).forward(self.original, *args)
+
+    def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or not x.is_cpu or _needs_grad(self, x):
+            return self.dense(x)
+        w, b = param(self.original, "weight"), param(self.original, "bias")
+        x2d = x.reshape(-1, x.shape[-1])
+        if len(x2d) > self.config.max_tokens or not kernels.rows_input_ok(x2d) or not loop_readable(w, b) \
+                or not w.is_contiguous() or w.dim() != 2 or w.shape[1] != x2d.shape[1] \
+                or (b is not None and b.shape != (w.shape[0],)):
+            return self.dense(x)
+        return kernels.dense_rows(x2d, w, b).view(*x.shape[:-1], w.shape[0])
+
+
 def _rows_layout(layer: nn.Module) -> bool:
     """Give an ``nn.Linear`` down projection the loops' layout ([d_ff, d] rows contiguous; the module sees a
     transposed view). Returns whether the layout changed (only plain CPU float32/bfloat16 weights are touched)."""
@@ -555,9 +587,30 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
         object.__setattr__(wrapper, "relaid_layer", layer)
         _replace(model, path, wrapper)
     _link_groups(model, thresholds)
+    _wrap_head(model, cfg)
     if explicit and thresholds is not None and getattr(model, "config", None) is not None:
         thresholds.save_to_config(model)
     return model
+
+
+def _wrap_head(model: nn.Module, cfg: SparseConfig) -> None:
+    """Put the output embedding on :class:`RowsHead` (``cfg.head``), or take it off again (re-sparsify)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    path = next((p for p, m in model.named_modules() if m is head), None) if head is not None else None
+    if not path:
+        return
+    if isinstance(head, RowsHead):
+        if cfg.head:
+            head.config = cfg
+        else:
+            _unwrap_one(model, path, head)
+        return
+    if cfg.head and type(head) is nn.Linear:
+        wrapper = RowsHead(head, cfg)
+        wrapper.relaid = False
+        object.__setattr__(wrapper, "relaid_layer", head)
+        _replace(model, path, wrapper)
 
 
 def _link_groups(model: nn.Module, thresholds: Thresholds | None) -> None:

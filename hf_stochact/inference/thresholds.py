@@ -125,7 +125,7 @@ def thresholdable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     skip: set[int] = set()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None:
-        skip.add(id(out))
+        skip.update((id(out), id(getattr(out, "wrapped", out))))  # sparsify's RowsHead stands in for it
     for mlp in find_mlps(model):
         if relu_kind(mlp.activation) is not None:
             skip.update(id(m) for m in (mlp.pre, mlp.up, mlp.down) if m is not None)

@@ -333,3 +333,15 @@ LIB.impl("sparse_rows", sparse_rows_cpu, "CPU")
 def _sparse_rows_fake(x, weights, biases, thresholds, max_density):
     return [x.new_empty(x.shape[0], w.shape[1]) for w in weights], \
         x.new_empty((len(weights),), dtype=torch.int64, device="cpu")
+
+
+def dense_rows(x2d: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2d @ w.T + bias`` by the C loops' matrix-vector product, for a caller that checked :func:`loop_readable`,
+    the shapes, a contiguous ``w`` [n, d] and ``x2d`` (:func:`hf_stochact.kernels.rows_input_ok`); x's dtype out."""
+    tokens, d = x2d.shape
+    n = w.shape[0]
+    xf, b = _f32(x2d), _f32(bias)
+    y = torch.empty(tokens, n)
+    _C.dense_rows(xf.data_ptr(), w.data_ptr(), _ptr(b), y.data_ptr(), n, d, tokens, DTYPE_CODES[w.dtype],
+                  torch.get_num_threads())
+    return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)

@@ -731,6 +731,21 @@ static PyObject *py_sparse_rows(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* dense_rows(x, w, b, y, n, d, T, dtype, nthreads): y[t, j] = w[j] . x[t] + b[j] for all n rows of w [n, d] (the
+ * natural nn.Linear layout, rows contiguous): a dense matrix-vector product for few tokens, rows split between the
+ * threads (the LM head of a decode step). x, b, y float32; w float32 or bfloat16. */
+static PyObject *py_dense_rows(PyObject *self, PyObject *args) {
+    unsigned long long x, w, b, y;
+    Py_ssize_t n, d, T;
+    int dtype, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKnnnii", &x, &w, &b, &y, &n, &d, &T, &dtype, &nthreads)) return NULL;
+    if (!tokens_ok(T)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rows_dot((const void *)w, dtype, (const float *)x, NULL, n, d, T, (const float *)b, (float *)y, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_has_openmp(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
     Py_RETURN_TRUE;
@@ -750,6 +765,8 @@ static PyMethodDef methods[] = {
      "sparse_down(h, wt, b, y, dff, d, T, max_active, dtype, nthreads) -> k or -1"},
     {"sparse_rows", py_sparse_rows, METH_VARARGS,
      "sparse_rows(x, T, d_in, max_active, io, nthreads, parallel_min, ys, ((w, b, d_out, dtype, thr), ...)) -> ks"},
+    {"dense_rows", py_dense_rows, METH_VARARGS,
+     "dense_rows(x, w, b, y, n, d, T, dtype, nthreads): y = x w^T + b, rows of w contiguous"},
     {"has_openmp", py_has_openmp, METH_NOARGS, "whether the loops were built with OpenMP"},
     {NULL, NULL, 0, NULL},
 };
