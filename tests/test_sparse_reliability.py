@@ -278,3 +278,17 @@ def test_the_lm_head_runs_on_the_loops_with_the_same_logits_and_tied_weights(tmp
     torch.testing.assert_close(one_token(model, ids), expected, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="head must be True or False"):
         sparsify(model, head="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_dense_rows(path, dtype):
+    x, w = torch.randn(3, 24, dtype=dtype), torch.randn(40, 24, dtype=dtype)
+    for bias in (None, torch.randn(40, dtype=dtype)):
+        torch.library.opcheck(torch.ops.hf_stochact.dense_rows.default, (x, w, bias),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
+    y = torch.ops.hf_stochact.dense_rows(x, w, None)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), x.float() @ w.float().t(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="dense_rows: inconsistent shapes"):
+        torch.ops.hf_stochact.dense_rows(x, w[:, :8], None)

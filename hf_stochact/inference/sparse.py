@@ -469,13 +469,16 @@ class RowsHead(_Wrapper):
         return type(self.original).forward(self.original, *args)
 
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or not x.is_cpu or _needs_grad(self, x):
+        if not x.is_cpu or _needs_grad(self, x):
             return self.dense(x)
         w, b = param(self.original, "weight"), param(self.original, "bias")
         x2d = x.reshape(-1, x.shape[-1])
-        if len(x2d) > self.config.max_tokens or not kernels.rows_input_ok(x2d) or not loop_readable(w, b) \
-                or not w.is_contiguous() or w.dim() != 2 or w.shape[1] != x2d.shape[1] \
-                or (b is not None and b.shape != (w.shape[0],)):
+        if len(x2d) > self.config.max_tokens or not loop_readable(x2d, w, b) or not w.is_contiguous() \
+                or w.dim() != 2 or w.shape[1] != x2d.shape[1] or (b is not None and b.shape != (w.shape[0],)):
+            return self.dense(x)
+        if torch.compiler.is_compiling():  # the operator, traced (its CPU kernel is the same loop)
+            return torch.ops.hf_stochact.dense_rows(x2d, w, b).view(*x.shape[:-1], w.shape[0])
+        if not kernels.rows_input_ok(x2d):
             return self.dense(x)
         return kernels.dense_rows(x2d, w, b).view(*x.shape[:-1], w.shape[0])
 

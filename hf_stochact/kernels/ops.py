@@ -87,6 +87,7 @@ LIB.define("sparse_down(Tensor h, Tensor w_t, Tensor? bias, float max_density, f
            "(Tensor, Tensor)")
 LIB.define("sparse_rows(Tensor x, Tensor[] weights, Tensor?[] biases, float[] thresholds, float max_density) -> "
            "(Tensor[], Tensor)")
+LIB.define("dense_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,3 +346,27 @@ def dense_rows(x2d: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
     _C.dense_rows(xf.data_ptr(), w.data_ptr(), _ptr(b), y.data_ptr(), n, d, tokens, DTYPE_CODES[w.dtype],
                   torch.get_num_threads())
     return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+
+
+def _dense_rows_reference(x, w, bias):
+    y = x.float() @ w.float().t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def _dense_rows_cpu(x, w, bias):
+    if w.dim() != 2 or x.shape[-1] != w.shape[1] or (bias is not None and bias.shape != (w.shape[0],)):
+        raise ValueError(f"dense_rows: inconsistent shapes x {tuple(x.shape)}, w {tuple(w.shape)} (expected [T, d], "
+                         "[n, d])")
+    if not (c_loops_active() and x.dim() == 2 and 1 <= x.shape[0] <= MAX_TOKENS and loop_readable(x, w, bias)
+            and w.is_contiguous()):
+        return _dense_rows_reference(x, w, bias)
+    return dense_rows(x.contiguous(), w, bias)
+
+
+LIB.impl("dense_rows", _dense_rows_reference, "CompositeExplicitAutograd")
+LIB.impl("dense_rows", _dense_rows_cpu, "CPU")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dense_rows", lib=LIB)
+def _dense_rows_fake(x, w, bias):
+    return x.new_empty(x.shape[0], w.shape[0])
