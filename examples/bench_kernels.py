@@ -71,6 +71,28 @@ def bench_shape(d_in: int, d_outs: list[int], dtype: torch.dtype, rounds: int, m
     return {name: {"us": med[name] * 1e6, "gbps": needed[name] / med[name] / 1e9} for name in variants}
 
 
+def bench_head(vocab: int, d: int, dtype: torch.dtype, rounds: int) -> str:
+    """The dense LM head (natural [vocab, d] layout, often tied to the input embedding): ``F.linear`` against the
+    C loops' matrix-vector product (``RowsHead``), alternated, medians."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(vocab, d, generator=g).to(dtype)
+    x = torch.randn(1, d, generator=g).to(dtype)
+    fns = {"F.linear": lambda: F.linear(x, w), "dense_rows": lambda: kernels.dense_rows(x, w, None)}
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    size = w.numel() * w.element_size()
+    return (f"| {d}->{vocab} LM head, {str(dtype).replace('torch.', '')} | {med['F.linear'] * 1e3:.2f} ms "
+            f"({size / med['F.linear'] / 1e9:.1f} GB/s) | {med['dense_rows'] * 1e3:.2f} ms "
+            f"({size / med['dense_rows'] / 1e9:.1f} GB/s) | {med['F.linear'] / med['dense_rows']:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -104,6 +126,13 @@ def main() -> None:
             print(line, flush=True)
             lines.append(line)
         lines.append("")
+    lines += ["### The dense LM head (SmolLM2's tied 576 x 49152), 1 token", "",
+              "| layer | F.linear | C loops (dense_rows, same weights in place) | speedup |", "|---|---|---|---|"]
+    for dtype_name in args.dtypes.split(","):
+        line = bench_head(49152, 576, getattr(torch, dtype_name), args.rounds)
+        print(line, flush=True)
+        lines.append(line)
+    lines.append("")
     lines.append(f"load average after: {machine_report(bandwidth=False)['load']}")
     text = "\n".join(lines)
     print(text)
