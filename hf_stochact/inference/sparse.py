@@ -363,11 +363,8 @@ def _run_rows(x: torch.Tensor, x2d: torch.Tensor, plans: list[tuple], max_densit
     ``x`` with each member's width, and their ks (a member the loop left to the caller is finished densely)."""
     lead = tuple(x.shape[:-1])
     specs = tuple(p[0] for p in plans)
-    if max_density >= 1.0:
-        ys, ks = kernels.sparse_rows_run(x2d, specs, [(*lead, spec[2]) for spec in specs])
-    else:
-        ys, ks = kernels.sparse_rows_run_limited(x2d, specs, [(*lead, spec[2]) for spec in specs],
-                                                 int(max_density * x2d.shape[1]))
+    ys, ks = kernels.sparse_rows_run(x2d, specs, [(*lead, spec[2]) for spec in specs],
+                                     int(max_density * x2d.shape[1]))
     for y, plan, k in zip(ys, plans, ks):
         if k < 0:
             y.copy_(kernels.finish_dense(x2d, plan[1], plan[2], plan[0][4]).view(y.shape))
@@ -434,16 +431,14 @@ class ThresholdedLinear(_Wrapper):
                         (y,), (k,) = _run_rows(x, x2d, [plan], self.config.input_max_density)
                         self.counter.add("sparse" if k >= 0 else "dense")
                         return y
-                w_t, bias = down_rows(self.original), param(self.original, "bias")
-                if loop_readable(w_t, bias, x) and w_t.is_contiguous() and _rows_consistent(x, w_t, bias):
+            w_t, bias = down_rows(self.original), param(self.original, "bias")
+            if loop_readable(w_t, bias, x) and w_t.is_contiguous() and _rows_consistent(x, w_t, bias):
+                if len(x2d) <= self.config.max_tokens:  # traced (torch.compile), or inputs the fast path declined
                     y, k = kernels.sparse_down(x2d, w_t, bias, self.config.input_max_density, self.threshold)
                     if eager:
                         self.counter.add("sparse" if int(k) >= 0 else "dense")
                     return y.reshape(*shape[:-1], y.shape[-1])
-            else:
-                w_t, bias = down_rows(self.original), param(self.original, "bias")
-                if loop_readable(w_t, bias, x) and w_t.is_contiguous() and _rows_consistent(x, w_t, bias) \
-                        and _prefill_in_float32(x, (w_t,)):
+                if _prefill_in_float32(x, (w_t,)):
                     self.count("dense")
                     y = _rows_product(magnitude_mask(x2d, self.threshold), w_t, bias)
                     return y.reshape(*shape[:-1], y.shape[-1])

@@ -29,7 +29,6 @@ from .ops import (
     rows_member_ok,
     rows_spec,
     sparse_rows_run,
-    sparse_rows_run_limited,
 )
 from .ops import _f32 as float32
 from .reference import GRANULARITIES, bernoulli, categorical, mask_shape, threshold, uniform
@@ -55,7 +54,6 @@ __all__ = [
     "dense_rows",
     "rows_spec",
     "sparse_rows_run",
-    "sparse_rows_run_limited",
     "finish_dense",
     "float32",
     "threshold",

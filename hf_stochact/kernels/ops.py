@@ -270,15 +270,17 @@ def rows_spec(w_t: torch.Tensor, bias: torch.Tensor | None, threshold: float) ->
     return w_t.data_ptr(), _ptr(bias), w_t.shape[1], DTYPE_CODES[w_t.dtype], float(threshold)
 
 
-def sparse_rows_run(x: torch.Tensor, specs: tuple, shapes: list[tuple[int, ...]]) -> tuple[list, tuple]:
-    """The C loop on members described by :func:`rows_spec`, ``x`` [T, d_in] contiguous float32/bfloat16 of 1 to
-    MAX_TOKENS rows (the ``max_active`` rows bound is each spec's): ``(outputs, ks)``, output m of shape
-    ``shapes[m]`` (T x d_out_m elements, x's dtype). Members with k = -1 are left unwritten (the caller finishes
-    them)."""
+def sparse_rows_run(x: torch.Tensor, specs: tuple, shapes: list[tuple[int, ...]],
+                    max_active: int | None = None) -> tuple[list, tuple]:
+    """The C loop on members described by :func:`rows_spec`, all in one call, ``x`` [T, d_in] contiguous
+    float32/bfloat16 of 1 to MAX_TOKENS rows: ``(outputs, ks)``, output m of shape ``shapes[m]`` (T x d_out_m
+    elements, x's dtype). A member with more than ``max_active`` active rows (default: no limit) gets k = -1 and is
+    left unwritten (the caller finishes it)."""
     tokens, d_in = x.shape
     ys = [torch.empty(shape, dtype=x.dtype) for shape in shapes]
-    ks = _C.sparse_rows(x.data_ptr(), tokens, d_in, d_in, 1 if x.dtype == torch.bfloat16 else 0,
-                        torch.get_num_threads(), ROWS_PARALLEL_MIN, tuple(y.data_ptr() for y in ys), specs)
+    ks = _C.sparse_rows(x.data_ptr(), tokens, d_in, d_in if max_active is None else max_active,
+                        1 if x.dtype == torch.bfloat16 else 0, torch.get_num_threads(), ROWS_PARALLEL_MIN,
+                        tuple(y.data_ptr() for y in ys), specs)
     return ys, ks
 
 
@@ -290,26 +292,14 @@ def finish_dense(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, 
 
 def sparse_rows_c(x: torch.Tensor, members, max_density: float) -> tuple[list[torch.Tensor], tuple[int, ...]]:
     """The C loop on validated members (:func:`rows_member_ok` each, ``x`` [T, d_in] float32/bfloat16 contiguous,
-    1 to MAX_TOKENS tokens): ``members`` = [(w_t, bias float32 or None, threshold)]. Returns the outputs (in x's
-    dtype, contiguous [T, d_out], separate tensors) and each member's k (-1: finished densely)."""
-    if x.dtype not in DTYPE_CODES:
-        x = x.float()
-    ys, ks = [], []
-    for w_t, bias, t in members:
-        (y,), (k,) = sparse_rows_run_limited(x, (rows_spec(w_t, bias, t),), [(x.shape[0], w_t.shape[1])],
-                                             int(max_density * x.shape[1]))
+    1 to MAX_TOKENS tokens), in one call: ``members`` = [(w_t, bias float32 or None, threshold)]. Returns the
+    outputs (in x's dtype, contiguous [T, d_out], separate tensors) and each member's k (-1: finished densely)."""
+    specs = tuple(rows_spec(w_t, bias, t) for w_t, bias, t in members)
+    ys, ks = sparse_rows_run(x, specs, [(x.shape[0], w_t.shape[1]) for w_t, _, _ in members],
+                             int(max_density * x.shape[1]))
+    for i, (k, (w_t, bias, t)) in enumerate(zip(ks, members)):
         if k < 0:
-            y = finish_dense(x, w_t, bias, t)
-        ys.append(y)
-        ks.append(k)
-    return ys, tuple(ks)
-
-
-def sparse_rows_run_limited(x: torch.Tensor, specs: tuple, shapes: list, max_active: int) -> tuple[list, tuple]:
-    """:func:`sparse_rows_run` with at most ``max_active`` active rows per member (more: k = -1)."""
-    ys = [torch.empty(shape, dtype=x.dtype) for shape in shapes]
-    ks = _C.sparse_rows(x.data_ptr(), x.shape[0], x.shape[1], max_active, 1 if x.dtype == torch.bfloat16 else 0,
-                        torch.get_num_threads(), ROWS_PARALLEL_MIN, tuple(y.data_ptr() for y in ys), specs)
+            ys[i] = finish_dense(x, w_t, bias, t)
     return ys, ks
 
 
