@@ -1,4 +1,5 @@
-"""The ``hf-stochact`` command line: ``demo`` (the main job), ``relufy``, ``bench``, ``sparsity``, ``generate``.
+"""The ``hf-stochact`` command line: ``demo`` (the main job), ``relufy``, ``recover``, ``bench``, ``sparsity``,
+``generate``, ...
 
 Each command's options are the fields of its config dataclass (:mod:`hf_stochact.cli.args`): every flag has help
 text, every value is checked before a model is loaded, and a bad value ends the command with
@@ -25,6 +26,8 @@ COMMANDS = {
              "train a small Llama on CPython's stdlib with StochA+FT and report perplexity and FFN sparsity"),
     "relufy": ("hf_stochact.cli.relufy", "RelufyConfig",
                "fine-tune a pretrained SiLU model into a sparse ReLU model (e.g. SmolLM2-135M from a GGUF file)"),
+    "recover": ("hf_stochact.cli.recover", "RecoverConfig",
+                "fine-tune a model with its input thresholds active (sparsity-aware recovery, distilled from dense)"),
     "bench": ("hf_stochact.cli.bench", "BenchConfig",
               "dense vs sparse FFN speed on this CPU: MLP microbenchmarks, or decode tokens/s of --model"),
     "sparsity": ("hf_stochact.cli.sparsity", "SparsityConfig",

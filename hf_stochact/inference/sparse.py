@@ -335,8 +335,9 @@ class InputGroup:
         return y
 
     def compute(self, caller: ThresholdedLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
-        """Every member's output from ``x2d`` (the caller's input as [T, d_in]) in one call; returns the caller's,
-        keeps the others' for :meth:`take`. None where a member's weights are not what the loop reads."""
+        """Every member's output from ``x2d`` (the caller's input as [T, d_in], rotated where the group is) in one
+        call; returns the caller's, keeps the others' for :meth:`take` (keyed by ``x``, the input as called). None
+        where a member's weights are not what the loop reads."""
         members, d_in = self.members, x2d.shape[1]
         plans = []
         for m in members:
@@ -384,6 +385,7 @@ class ThresholdedLinear(_Wrapper):
         self.threshold = float(threshold)
         self.group: InputGroup | None = None
         self._plan: tuple | None = None  # (key, weight, bias, plan): see plan()
+        self.rotation: torch.Tensor | None = None  # R (float32): the input is x R, the weight W R⁻ᵀ (rotate())
 
     @property
     def wrapped(self) -> nn.Module:
@@ -409,6 +411,51 @@ class ThresholdedLinear(_Wrapper):
         self._plan = (key, w, b, plan)
         return plan
 
+    def rotate(self, r: torch.Tensor, r_inv: torch.Tensor) -> None:
+        """Rotate this layer's input (:mod:`~hf_stochact.inference.rotation`): the weight becomes ``W R⁻ᵀ`` in
+        place (no second copy) and every call computes from ``x R``; ``state_dict`` still gives ``W`` (computed
+        back), and :func:`unsparsify` restores it. Call before the rows layout is set."""
+        from .rotation import original_weight, rotated_weight
+
+        layer = self.original
+        with torch.no_grad():
+            w = param(layer, "weight")
+            if isinstance(layer, nn.Linear):
+                w.data = rotated_weight(w.detach(), r_inv).contiguous()
+            else:  # Conv1D: [in, out]
+                w.data = rotated_weight(w.detach().t(), r_inv).t().contiguous()
+        self.rotation = r.float().contiguous()
+
+        linear = isinstance(layer, nn.Linear)
+
+        def original_basis(module, state, prefix, local_metadata, r=self.rotation, linear=linear):
+            key = prefix + "weight"
+            if key in state:
+                t = state[key]
+                state[key] = original_weight(t, r) if linear else original_weight(t.t(), r).t().contiguous()
+
+        original_basis._hf_stochact_rotation = True  # found again by unrotate(), also on a deep copy
+        self.register_state_dict_post_hook(original_basis)  # the wrapper's own table: gone with the wrapper
+
+    def unrotate(self) -> None:
+        """The weight back in the original basis (``W'' Rᵀ``), the state-dict hook removed."""
+        from .rotation import original_weight
+
+        if self.rotation is None:
+            return
+        layer = self.original
+        with torch.no_grad():
+            w = param(layer, "weight")
+            if isinstance(layer, nn.Linear):
+                w.data = original_weight(w.detach(), self.rotation).contiguous()
+            else:
+                w.data = original_weight(w.detach().t(), self.rotation).t().contiguous()
+        hooks = self._state_dict_hooks
+        for k in [k for k, h in hooks.items() if getattr(h, "_hf_stochact_rotation", False)]:
+            del hooks[k]
+        self.rotation = None
+        self._plan = None
+
     def sparse_or_dense(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group
         eager = not torch.compiler.is_compiling()
@@ -417,13 +464,18 @@ class ThresholdedLinear(_Wrapper):
             if y is not None:
                 self.counter.add("sparse")
                 return y
+        key = x
+        if self.rotation is not None:
+            from .rotation import rotate
+
+            x = rotate(x, self.rotation.to(x.device))
         shape = x.shape
         if x.is_cpu and not _needs_grad(self, x):
             x2d = x.reshape(-1, shape[-1])
             if len(x2d) <= self.config.max_tokens:
                 if eager and kernels.rows_input_ok(x2d):
                     if group is not None:
-                        y = group.compute(self, x, x2d)
+                        y = group.compute(self, key, x2d)
                         if y is not None:
                             return y
                     plan = self.plan(shape[-1])
@@ -527,6 +579,8 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
         thresholds = Thresholds.from_dict(thresholds)
     elif not isinstance(thresholds, Thresholds):
         raise ValueError(f"thresholds must be a Thresholds, its dict or None, got {type(thresholds).__name__}")
+    if thresholds is not None and thresholds.rotation != "none":
+        thresholds.resolve_rotations(model)
     mlps = find_mlps(model, need="down")
     relu = [m for m in mlps if relu_kind(m.activation) is not None]
     if not relu and not (thresholds and thresholds.values):
@@ -575,12 +629,19 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
         if isinstance(wrapper, ThresholdedLinear) and path not in targets:
             _unwrap_one(model, path, wrapper)
     for path, (layer, t) in targets.items():
+        transform = thresholds.transform(path)
         if isinstance(layer, ThresholdedLinear):
-            layer.threshold, layer.config = float(t), cfg
-            continue
+            same = (layer.rotation is None and transform is None) or (
+                layer.rotation is not None and transform is not None and torch.equal(layer.rotation, transform[0]))
+            if same:
+                layer.threshold, layer.config = float(t), cfg
+                continue
+            layer = _unwrap_one(model, path, layer)  # another rotation: back to the original, wrapped afresh
         if id(layer) in exact or id(getattr(layer, "original", None)) in exact:
             continue  # a ReLU FFN's projection (exact zeros there)
         wrapper = ThresholdedLinear(layer, t, cfg)
+        if transform is not None:
+            wrapper.rotate(*transform)
         wrapper.relaid = _rows_layout(layer)
         object.__setattr__(wrapper, "relaid_layer", layer)
         _replace(model, path, wrapper)
@@ -644,6 +705,8 @@ def _unwrap_one(model: nn.Module, path: str, wrapper: _Wrapper) -> nn.Module:
         weight = wrapper.relaid_layer.weight
         with torch.no_grad():
             weight.data = weight.detach().contiguous()
+    if isinstance(wrapper, ThresholdedLinear):
+        wrapper.unrotate()
     wrapper.original.training = wrapper.training
     if path:
         _replace(model, path, wrapper.original)

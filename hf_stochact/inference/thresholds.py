@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,7 @@ from torch import nn
 
 from ..kernels.reference import magnitude_mask
 from ..layouts import PROJECTION_TYPES, find_mlps, relu_kind
+from .rotation import ROTATION_FILE, ROTATIONS
 
 CONFIG_FIELD = "sparse_thresholds"
 ALLOCATIONS = ("uniform", "greedy", "block")
@@ -60,9 +62,57 @@ class Thresholds:
     allocation: str = "uniform"
     layer_sparsity: dict[str, float] = dataclasses.field(default_factory=dict)
     groups: list[list[str]] = dataclasses.field(default_factory=list)
+    rotation: str = "none"
+    rotated: dict[str, str] = dataclasses.field(default_factory=dict)
+    rotation_sha256: str = ""
+    rotations: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False,
+                                                                             compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rotations"}
+        d = {k: (dict(v) if isinstance(v, dict) else [list(g) for g in v] if k == "groups" else v)
+             for k, v in d.items()}
+        if self.rotation == "none":
+            for k in ("rotation", "rotated", "rotation_sha256"):
+                d.pop(k)
+        return d
+
+    def transform(self, path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(R, R⁻¹) of ``path``'s rotation (:mod:`hf_stochact.inference.rotation`), None if it has none.
+
+        Raises:
+            ValueError: ``path`` is rotated but the rotations are not loaded (:meth:`resolve_rotations`)."""
+        key = self.rotated.get(path)
+        if key is None:
+            return None
+        if key not in self.rotations:
+            raise ValueError(f"the rotation of {path!r} is not loaded: sparsify(model) finds the saved file "
+                             f"{ROTATION_FILE} next to the model's weights")
+        from .rotation import matrices
+
+        return matrices(*self.rotations[key])
+
+    def resolve_rotations(self, model: nn.Module) -> None:
+        """Attach the rotation tensors these thresholds need: from the model (calibrated in this process) or from
+        ``sparse_rotations.safetensors`` in the folder the model was loaded from (checked by SHA-256).
+
+        Raises:
+            ValueError: none found, or a file that does not match."""
+        if self.rotation == "none" or self.rotations:
+            return
+        from .rotation import MODEL_ATTRIBUTE, digest, load_rotations
+
+        attached = getattr(model, MODEL_ATTRIBUTE, None)
+        if attached and digest(attached) == self.rotation_sha256:
+            self.rotations = attached
+            return
+        folder = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        if not folder or not os.path.isdir(folder):
+            raise ValueError(f"these thresholds are rotated ({self.rotation}), but the rotations are not loaded and "
+                             f"the model was not loaded from a folder holding {ROTATION_FILE}: pass the Thresholds "
+                             "object returned by calibrate_thresholds")
+        self.rotations = load_rotations(folder, self.rotation_sha256)
+        object.__setattr__(model, MODEL_ATTRIBUTE, self.rotations) if isinstance(model, nn.Module) else None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Thresholds:
@@ -92,11 +142,29 @@ class Thresholds:
                 isinstance(g, list) and all(isinstance(p, str) and p in values for p in g) for g in groups):
             raise ValueError(f"{CONFIG_FIELD}.groups must be a list of lists of thresholded module paths, got "
                              f"{groups!r}")
+        rotation = d.get("rotation", "none")
+        if rotation not in ROTATIONS:
+            raise ValueError(f"{CONFIG_FIELD}.rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}")
+        rotated = d.get("rotated", {})
+        if not isinstance(rotated, dict) or not all(isinstance(k, str) and k in values and isinstance(v, str)
+                                                    for k, v in rotated.items()):
+            raise ValueError(f"{CONFIG_FIELD}.rotated must map thresholded module paths to rotation names, got "
+                             f"{rotated!r}")
+        sha = d.get("rotation_sha256", "")
+        if rotation != "none" and not (isinstance(sha, str) and len(sha) == 64):
+            raise ValueError(f"{CONFIG_FIELD}.rotation_sha256 must be the 64-digit SHA-256 of the rotations, got "
+                             f"{sha!r}")
+        if rotation == "none" and rotated:
+            raise ValueError(f"{CONFIG_FIELD}.rotated names layers, but rotation is 'none'")
         return cls(values, float(sparsity), allocation, {k: float(v) for k, v in layers.items()},
-                   [list(g) for g in groups])
+                   [list(g) for g in groups], rotation, dict(rotated), sha if rotation != "none" else "")
 
     def save_to_config(self, model: nn.Module) -> None:
         setattr(model.config, CONFIG_FIELD, self.to_dict())
+        if self.rotations:
+            from .rotation import MODEL_ATTRIBUTE
+
+            object.__setattr__(model, MODEL_ATTRIBUTE, self.rotations)  # save_pretrained writes them
 
     @classmethod
     def from_config(cls, model: nn.Module) -> Thresholds | None:
@@ -243,10 +311,18 @@ def _first(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
+def _masked(x: torch.Tensor, t: float, transform: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The input a thresholded layer computes with, in its original basis: ``m(x)``, or ``m(x R) R⁻¹`` rotated."""
+    if transform is None:
+        return magnitude_mask(x, t)
+    r, r_inv = transform
+    return (magnitude_mask(x.float() @ r, t) @ r_inv).to(x.dtype)
+
+
 @torch.no_grad()
 def _block_allocation(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, torch.Tensor],
                       sources: dict[str, int], input_ids: torch.Tensor, sparsity: float, step: float,
-                      eval_tokens: int) -> dict[str, int]:
+                      eval_tokens: int, transforms: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
     """TEAL's per-block greedy allocation: the level index (multiple of ``step``) chosen for every layer."""
     levels = _levels(step)
     table = {p: [_quantile(x.abs().flatten(), lv) for lv in levels] for p, x in inputs.items()}
@@ -284,7 +360,7 @@ def _block_allocation(model: nn.Module, modules: dict[str, nn.Module], inputs: d
         total = sum(sizes)
         current = {p: 0.0 for p in paths}
         hooks = [modules[p].register_forward_pre_hook(
-            lambda mod, args, p=p, current=current: (magnitude_mask(args[0], current[p]), *args[1:])
+            lambda mod, args, p=p, current=current: (_masked(args[0], current[p], transforms.get(p)), *args[1:])
             if current[p] > 0 else None)
             for p in paths]
 
@@ -329,7 +405,7 @@ def _block_allocation(model: nn.Module, modules: dict[str, nn.Module], inputs: d
 
 def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: float = 0.4, *,
                          allocation: str = "greedy", step: float = 0.05, max_tokens: int = 512, seed: int = 0,
-                         eval_tokens: int = 512, save: bool = True) -> Thresholds:
+                         eval_tokens: int = 512, rotate: str = "none", save: bool = True) -> Thresholds:
     """Per-layer input thresholds reaching ``sparsity`` (see the module docstring), stored in ``model.config``
     unless ``save=False``.
 
@@ -341,6 +417,10 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
         step: greedy's sparsity increment per layer, in (0, 0.5].
         max_tokens: calibration rows kept per layer (sampled over all tokens).
         eval_tokens: ``"block"`` only: calibration tokens each block is re-run on per candidate.
+        rotate: ``"none"``; ``"pca"``: rotate the inputs of the groups whose weights outweigh a ``d_in x d_in``
+            rotation (q/k/v, gate/up) into their principal components, weighted by the rotated weights' column
+            norms, before thresholding (:mod:`hf_stochact.inference.rotation`: LaRoSA + WINA; exact with every
+            input kept); ``"pca-all"``: every thresholded layer. The covariances use every calibration token.
 
     Raises:
         ValueError: bad arguments (the message names them), or no layer to threshold.
@@ -351,6 +431,10 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if rotate not in ROTATIONS:
+        raise ValueError(f"rotate must be one of {', '.join(ROTATIONS)}, got {rotate!r}")
+    if any(getattr(m, "rotation", None) is not None for m in model.modules() if hasattr(m, "wrapped")):
+        raise ValueError("calibrate_thresholds: the model runs rotated thresholds; unsparsify(model) first")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0 \
             or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError("input_ids must be a non-empty [N, T] tensor of integer token ids")
@@ -363,8 +447,22 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor, sparsity: fl
         sources.update({p: -1 - i for i, (p, _) in enumerate(layers) if p not in sources})
         inputs = _collect(model, layers, input_ids, max_tokens, seed)
         modules = dict(layers)
-        result = _allocate(model, modules, inputs, sources, input_ids, sparsity, allocation, step, eval_tokens)
+        rotations, rotated = ({}, {}) if rotate == "none" else _rotations(model, layers, groups, input_ids, rotate)
+        transforms = {}
+        if rotated:
+            from .rotation import matrices
+
+            for path, key in rotated.items():
+                transforms[path] = matrices(*rotations[key])
+                inputs[path] = inputs[path] @ transforms[path][0]
+        result = _allocate(model, modules, inputs, sources, input_ids, sparsity, allocation, step, eval_tokens,
+                           transforms)
     result.groups = groups
+    if rotate != "none":
+        from .rotation import digest
+
+        result.rotation, result.rotated, result.rotations = rotate, rotated, rotations
+        result.rotation_sha256 = digest(rotations)
     if save:
         result.save_to_config(model)
     return result
@@ -385,13 +483,63 @@ def _thresholds_off(model: nn.Module) -> Iterator[None]:
             m.threshold = t
 
 
+@torch.no_grad()
+def _rotations(model: nn.Module, layers: list[tuple[str, nn.Module]], groups: list[list[str]], input_ids: torch.Tensor,
+               rotate: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, str]]:
+    """(group key -> (Q, c), path -> group key) for the groups ``rotate`` selects: covariances of their inputs over
+    every calibration token."""
+    from .rotation import pca_rotation
+
+    modules = dict(layers)
+    grouped = {p for g in groups for p in g}
+    candidates = [list(g) for g in groups] + [[p] for p, _ in layers if p not in grouped]
+    chosen = []
+    for g in candidates:
+        weights = [_out_in(modules[p]) for p in g]
+        d_in = weights[0].shape[1]
+        if rotate == "pca-all" or sum(w.numel() for w in weights) > d_in * d_in:
+            chosen.append((g, weights))
+    covs: dict[str, torch.Tensor] = {g[0]: torch.zeros(w[0].shape[1], w[0].shape[1], dtype=torch.float64)
+                                     for g, w in chosen}
+
+    def hook(mod, args, key):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
+        covs[key].addmm_(x.t(), x)
+
+    handles = [modules[g[0]].register_forward_pre_hook(lambda mod, args, key=g[0]: hook(mod, args, key))
+               for g, _ in chosen]
+    was_training = model.training
+    model.eval()
+    try:
+        for window in input_ids:
+            model(input_ids=window[None].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    rotations, rotated = {}, {}
+    for g, weights in chosen:
+        rotations[g[0]] = pca_rotation(covs[g[0]], torch.cat(weights).double())
+        rotated.update({p: g[0] for p in g})
+    return rotations, rotated
+
+
+def _out_in(layer: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as [out, in] (Conv1D's is stored [in, out])."""
+    w = _inner(layer).weight.detach()
+    return w.t() if _is_conv1d(layer) else w
+
+
 def _allocate(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, torch.Tensor],
               sources: dict[str, int], input_ids: torch.Tensor, sparsity: float, allocation: str, step: float,
-              eval_tokens: int) -> Thresholds:
-    """The per-layer thresholds of one allocation, from the collected calibration inputs."""
+              eval_tokens: int, transforms: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+              ) -> Thresholds:
+    """The per-layer thresholds of one allocation, from the collected calibration inputs (rotated where
+    ``transforms`` has the layer's (R, R⁻¹))."""
+    transforms = transforms or {}
     if allocation == "block" and sparsity > 0.0:
         step_levels = _levels(step)
-        at = _block_allocation(model, modules, inputs, sources, input_ids, sparsity, step, eval_tokens)
+        at = _block_allocation(model, modules, inputs, sources, input_ids, sparsity, step, eval_tokens, transforms)
         values = {p: _quantile(x.abs().flatten(), step_levels[at[p]]) for p, x in inputs.items()}
         chosen = {p: float((inputs[p].abs() <= values[p]).float().mean()) if at[p] else 0.0 for p in inputs}
         result = Thresholds(values, float(sparsity), allocation, chosen)
@@ -403,8 +551,8 @@ def _allocate(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str,
         result = Thresholds(values, float(sparsity), allocation, chosen)
     else:
         levels = _levels(step)
-        tables = {path: _relative_errors(x, _inner(modules[path]).weight if not _is_conv1d(modules[path])
-                                         else _inner(modules[path]).weight.t(), levels)
+        tables = {path: _relative_errors(x, _out_in(modules[path]) if path not in transforms else
+                                         _out_in(modules[path]).float() @ transforms[path][1].t(), levels)
                   for path, x in inputs.items()}
         sizes = {path: _weight_numel(modules[path]) for path in inputs}
         total = sum(sizes.values())

@@ -87,6 +87,30 @@ def hook_post_init() -> None:
     patches.set_attribute(PreTrainedModel, "post_init", post_init)
 
 
+def hook_save_pretrained() -> None:
+    """After ``PreTrainedModel.save_pretrained``: the rotations of rotated input thresholds
+    (:mod:`hf_stochact.inference.rotation`), which ``config.json`` names by digest, go next to the weights."""
+    from transformers import PreTrainedModel
+
+    original = getattr(PreTrainedModel, "save_pretrained", None)
+    _require(callable(original), "PreTrainedModel.save_pretrained is gone")
+    if getattr(original, "_hf_stochact", False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        from ..inference.rotation import to_save, write_rotations
+
+        rotations = to_save(self)  # raises before anything is written
+        result = original(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_rotations(rotations, save_directory)
+        return result
+
+    save_pretrained._hf_stochact = True
+    patches.set_attribute(PreTrainedModel, "save_pretrained", save_pretrained)
+
+
 def install() -> None:
     """Apply every patch (idempotent): the ``ACT2FN`` entries now, each wrapper when its transformers module is
     imported (now if it already is). ``import hf_stochact`` calls it; call it again after :func:`uninstall`.
@@ -100,6 +124,7 @@ def install() -> None:
     _INSTALLED = True
     register_activations()
     patches.when_imported("transformers.modeling_utils", hook_post_init)
+    patches.when_imported("transformers.modeling_utils", hook_save_pretrained)
     patches.when_imported("transformers.generation.utils", generation.install)
     patches.when_imported("transformers.trainer_callback", trainer.install)
     patches.when_imported("peft.peft_model", adapters.install)
