@@ -101,6 +101,8 @@ def evaluate(args) -> None:
     torch.set_num_threads(args.threads)
     tok, model = load_causal_lm(args.model, args.gguf)
     model.eval()
+    if args.sparsify:
+        hf_stochact.sparsify(model)  # the thresholds (and rotations) saved with the model
     problems = [json.loads(line) for line in gzip.open(args.data, "rt")][: args.problems]
     configs = configurations(args.temperature, args.ps)
     if args.configs:  # names checked in main(), before the model loads
@@ -262,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="the model as named in the report")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds per test run before the group is killed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for generation")
+    ap.add_argument("--sparsify", action="store_true",
+                    help="run the model through hf_stochact.sparsify with the input thresholds saved in its config "
+                         "(e.g. a folder from `hf-stochact recover`), as decoding would")
     ap.add_argument("--shard", type=shard, default=(0, 1),
                     help="K/N: run only problems with index K mod N, so N processes (e.g. one thread each) share "
                          "the work and append to the same --results file (default 0/1: all)")

@@ -64,6 +64,8 @@ _LAZY = {
     "MLPLayout": ".layouts",
     "ffn_activations": ".layouts",
     "find_mlps": ".layouts",
+    "InputSparsityHooks": ".training.recover",
+    "SparseRecoverySchedule": ".training.recover",
     "Stage": ".training.schedule",
     "StochActSchedule": ".training.schedule",
     "set_activation": ".training.schedule",
@@ -93,6 +95,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs (tests/test_pack
     from .integration.generation import set_generation_defaults, stochastic_decoding
     from .integration.serializable import make_serializable
     from .layouts import LAYOUTS, MLP, MLPLayout, ffn_activations, find_mlps
+    from .training.recover import InputSparsityHooks, SparseRecoverySchedule
     from .training.schedule import Stage, StochActSchedule, set_activation
     from .training.shift import GateShift, GateShiftSchedule, calibrate_shift
 

@@ -214,6 +214,48 @@ def test_frontier_with_relu_models_only(tmp_path):
     assert rows[3]["input_sparsity"] == pytest.approx(0.4, abs=0.05)
 
 
+def test_frontier_with_rotations_and_a_saved_sparse_model(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_stochact import calibrate_thresholds
+
+    save_tiny(tmp_path / "m", act="silu")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    calibrate_thresholds(saved, torch.randint(3, 90, (2, 32)), 0.3, allocation="uniform", rotate="pca")
+    saved.save_pretrained(tmp_path / "sparse")
+    (tmp_path / "sparse" / "tokenizer.json").write_bytes((tmp_path / "m" / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tmp_path / "m" / name).exists():
+            (tmp_path / "sparse" / name).write_bytes((tmp_path / "m" / name).read_bytes())
+    out = tmp_path / "frontier"
+    assert main(["frontier", "--model", str(tmp_path / "m"), "--sparsity", "0.4", "--allocation", "uniform",
+                 "--rotate", "none,pca-all", "--no-relu-swap", "--sparse-model", str(tmp_path / "sparse"),
+                 "--rounds", "1", "--new-tokens", "2", "--eval-chars", "2000", "--eval-window", "32",
+                 "--out", str(out)]) == 0
+    result = __import__("json").loads(out.with_suffix(".json").read_text())
+    rows = result["rows"]
+    assert [r["label"] for r in rows][2:] == ["thresholds 40% (uniform)", "thresholds 40% (uniform, rotated pca-all)",
+                                              "sparse (its saved thresholds)"]
+    assert rows[3]["input_sparsity"] == pytest.approx(0.4, abs=0.03) and rows[3]["sparse_calls"] > 0
+    assert rows[4]["input_sparsity"] == pytest.approx(0.3, abs=0.05)
+    assert result["machine"]["flags"] and result["machine"]["read_gbps"] > 0
+
+
+def test_frontier_rejects_a_bad_rotation_and_a_folder_without_thresholds(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["frontier", "--model", "x", "--rotate", "none,svd", "--out", str(tmp_path / "f")])
+    assert exit_.value.code == 2
+    assert "--rotate: item svd: must be one of none, pca, pca-all" in capsys.readouterr().err
+    save_tiny(tmp_path / "m", act="silu")
+    with pytest.raises(SystemExit) as exit_:
+        main(["frontier", "--model", str(tmp_path / "m"), "--sparsity", "", "--no-relu-swap", "--sparse-model",
+              str(tmp_path / "m"), "--rounds", "1", "--new-tokens", "2", "--eval-chars", "2000", "--eval-window",
+              "32", "--out", str(tmp_path / "f")])
+    assert exit_.value.code == 2
+    assert "--sparse-model: " in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_frontier_rejects_a_bad_allocation(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["frontier", "--model", "x", "--allocation", "teal"])

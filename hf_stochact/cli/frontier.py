@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from .. import data
+from ..analysis.machine import machine_report
 from ..analysis.metrics import perplexity
+from ..inference.rotation import ROTATIONS
 from ..inference.sparse import sparse_stats, sparsify, unsparsify
 from ..inference.thresholds import ALLOCATIONS, Thresholds, calibrate_thresholds
 from ..training.schedule import set_activation
@@ -47,6 +49,10 @@ class FrontierConfig:
                              check=comma_list(one_of(*ALLOCATIONS), str))
     relu_swap: bool = option(True, "add the ReLU-swap points (the FFN activation replaced by ReLU, no training)")
     relu_model: str = option("", "relufied model folders to add, comma-separated")
+    rotate: str = option("none", "input rotations of the threshold points, comma-separated (none, pca, pca-all: "
+                                 "calibrate_thresholds(rotate=...))", check=comma_list(one_of(*ROTATIONS), str))
+    sparse_model: str = option("", "model folders with saved thresholds to add (e.g. from `hf-stochact recover`), "
+                                   "comma-separated: each runs with its own thresholds")
     eval_chars: int = option(50_000, "characters of argparse.py (held out) scored", check=at_least(1))
     eval_window: int = option(512, "tokens per perplexity window", check=at_least(2))
     rounds: int = option(5, "dense/sparse alternations per point; medians", check=at_least(1))
@@ -64,6 +70,8 @@ class FrontierConfig:
         resolve_model(self.model, self.gguf)
         for folder in filter(None, self.relu_model.split(",")):
             resolve_model(folder, "", model_flag="--relu-model")
+        for folder in filter(None, self.sparse_model.split(",")):
+            resolve_model(folder, "", model_flag="--sparse-model")
 
 def rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -132,12 +140,15 @@ def run(cfg: FrontierConfig) -> dict:
     base_ppl = rows[0]["ppl"]
     zero = calibrate_thresholds(model, calib, 0.0, allocation="uniform", max_tokens=256, save=False)
     point("every linear on the rows loop (threshold 0: exact)", model, zero)
-    for allocation in cfg.allocation.split(","):
-        for s in (float(v) for v in filter(None, cfg.sparsity.split(","))):
-            t0 = time.perf_counter()
-            th = calibrate_thresholds(model, calib, s, allocation=allocation, max_tokens=256, save=False)
-            print(f"calibration {allocation} {s}: {time.perf_counter() - t0:.0f} s", flush=True)
-            point(f"thresholds {s:.0%} ({allocation})", model, th)
+    for rotate in cfg.rotate.split(","):
+        for allocation in cfg.allocation.split(","):
+            for s in (float(v) for v in filter(None, cfg.sparsity.split(","))):
+                t0 = time.perf_counter()
+                th = calibrate_thresholds(model, calib, s, allocation=allocation, max_tokens=256, rotate=rotate,
+                                          save=False)
+                print(f"calibration {allocation} {rotate} {s}: {time.perf_counter() - t0:.0f} s", flush=True)
+                kind = allocation if rotate == "none" else f"{allocation}, rotated {rotate}"
+                point(f"thresholds {s:.0%} ({kind})", model, th)
     if cfg.relu_swap:
         set_activation(model, "relu")
         point("ReLU swap (no training), exact", model, exact=True)
@@ -149,12 +160,21 @@ def run(cfg: FrontierConfig) -> dict:
         point(f"{Path(folder).name}, exact", relu, exact=True)
         th = calibrate_thresholds(relu, calib, 0.4, allocation="greedy", max_tokens=256, save=False)
         point(f"{Path(folder).name} + attention thresholds 40%", relu, attention_only(th))
+    for folder in filter(None, cfg.sparse_model.split(",")):
+        _, saved = load_causal_lm(folder, "", command="frontier", model_flag="--sparse-model")
+        saved.to(getattr(torch, cfg.dtype)).eval()
+        th = Thresholds.from_config(saved)
+        if th is None:
+            raise UsageError("--sparse-model", f"{folder}: its config has no sparse_thresholds (save a model after "
+                                               "calibrate_thresholds, or train one with `hf-stochact recover`)")
+        th.resolve_rotations(saved)
+        point(f"{Path(folder).name} (its saved thresholds)", saved, th)
     for r in rows:
         r["ppl_ratio"] = r["ppl"] / base_ppl
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "load": os.getloadavg(),
-                                                    "rows": rows}, indent=1))
+                                                    "machine": machine_report(), "rows": rows}, indent=1))
     print(table(rows))
     plot(rows, out.with_suffix(".png"), Path(cfg.gguf or cfg.model).name)
     return {"rows": rows}
@@ -190,8 +210,8 @@ def plot(rows: list[dict], path: Path, name: str) -> None:
         if r["ppl_ratio"] > 3:
             off.append(f"{r['label']}: {r['ppl_ratio']:.0f}x ppl")
             continue
-        kind = r["label"].rsplit("(", 1)[1].rstrip(")") if "thresholds" in r["label"] and "(" in r["label"] \
-            else r["label"]
+        kind = r["label"].rsplit("(", 1)[1].rstrip(")") if r["label"].startswith("thresholds ") and \
+            "(" in r["label"] else r["label"]
         series.setdefault(kind, []).append(r)
     for kind, points in series.items():
         xs = [r.get("speedup", 1.0) for r in points]

@@ -112,7 +112,7 @@ class Thresholds:
                              f"the model was not loaded from a folder holding {ROTATION_FILE}: pass the Thresholds "
                              "object returned by calibrate_thresholds")
         self.rotations = load_rotations(folder, self.rotation_sha256)
-        object.__setattr__(model, MODEL_ATTRIBUTE, self.rotations) if isinstance(model, nn.Module) else None
+        object.__setattr__(model, MODEL_ATTRIBUTE, self.rotations)  # a later save_pretrained writes them again
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Thresholds:
