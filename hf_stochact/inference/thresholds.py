@@ -90,7 +90,11 @@ class Thresholds:
                              f"{ROTATION_FILE} next to the model's weights")
         from .rotation import matrices
 
-        return matrices(*self.rotations[key])
+        cache = self.__dict__.setdefault("_matrices", {})  # one pair per group: its members share the tensors
+        q, c = self.rotations[key]
+        if key not in cache or cache[key][0] is not q:
+            cache[key] = (q, matrices(q, c))
+        return cache[key][1]
 
     def resolve_rotations(self, model: nn.Module) -> None:
         """Attach the rotation tensors these thresholds need: from the model (calibrated in this process) or from
