@@ -41,7 +41,6 @@ from .args import (
     UsageError,
     UsageWarning,
     at_least,
-    flag_name,
     fraction_below_one,
     non_negative,
     one_of,
@@ -55,6 +54,7 @@ from .args import (
 from .loading import hub_model_id, load_causal_lm, resolve_model
 from .relufy import (
     SAVE_DTYPES,
+    command_line,
     corpus_for,
     held_out_description,
     held_out_perplexity,
@@ -257,7 +257,7 @@ def run(cfg: RecoverConfig) -> dict:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     report = {
-        "config": dataclasses.asdict(cfg), "command": command_line(cfg), "eval_text": eval_what,
+        "config": dataclasses.asdict(cfg), "command": command_line(cfg, "recover"), "eval_text": eval_what,
         "data": corpus.description, "tokens": cfg.steps * tokens_per_step, "seconds": time.perf_counter() - t0,
         "base_model": hub_model_id(cfg.model, cfg.gguf), "rotation": cfg.rotate,
         "ppl_dense": ppl_dense, "ppl_sparse_before": ppl_before, "ppl_sparse_trained_thresholds": ppl_trained,
@@ -296,20 +296,6 @@ def measured_sparsity(model: nn.Module, calibration: torch.Tensor, thresholds: T
     result = Thresholds(dict(thresholds.values), thresholds.sparsity, thresholds.allocation,
                         {p: sum(v) / len(v) for p, v in fractions.items()})
     return result.weighted_sparsity(model)
-
-
-def command_line(cfg: RecoverConfig) -> str:
-    """The ``hf-stochact recover`` command that reproduces ``cfg`` (its options that differ from the defaults)."""
-    import shlex
-
-    parts = ["hf-stochact", "recover"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value == f.default:
-            continue
-        flag = flag_name(f.name)
-        parts += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, shlex.quote(str(value))]
-    return " ".join(parts)
 
 
 def summary_table(report: dict) -> str:

@@ -476,9 +476,10 @@ def rank_agreement(model: nn.Module, schedule: StochActSchedule, world: int) -> 
     return ranks
 
 
-def command_line(cfg: RelufyConfig) -> str:
-    """The ``hf-stochact relufy`` command that reproduces ``cfg`` (its options that differ from the defaults)."""
-    parts = ["hf-stochact", "relufy"]
+def command_line(cfg, command: str = "relufy") -> str:
+    """The ``hf-stochact <command>`` line that reproduces ``cfg`` (a command's config dataclass: its options that
+    differ from the defaults)."""
+    parts = ["hf-stochact", command]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if value == f.default:
