@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +38,6 @@ from ..training.recover import GRADIENTS, SparseRecoverySchedule
 from ..training.relufy import RelufyLoss
 from .args import (
     UsageError,
-    UsageWarning,
     at_least,
     fraction_below_one,
     non_negative,
@@ -51,9 +49,10 @@ from .args import (
     seed_range,
     validate,
 )
-from .loading import hub_model_id, load_causal_lm, resolve_model
+from .loading import hub_model_id, load_causal_lm
 from .relufy import (
     SAVE_DTYPES,
+    check_training_flags,
     command_line,
     corpus_for,
     held_out_description,
@@ -129,20 +128,10 @@ class RecoverConfig:
         return not self.data or self.data == data.STDLIB
 
     def check(self) -> None:
-        if self.warmup_steps > self.steps:
-            warnings.warn(UsageWarning("--warmup-steps", f"{self.warmup_steps} warm-up steps is more than --steps "
-                                                         f"({self.steps}): the learning rate never reaches --lr"),
-                          stacklevel=2)
         if self.lora_alpha and not self.lora_rank:
             raise UsageError("--lora-alpha", "needs --lora-rank > 0 (LoRA adapters); with full weights there is no "
                                              "alpha")
-        resolve_model(self.model, self.gguf)
-        if self.default_data and not self.eval_data and not (data.stdlib_root() / self.eval_file).is_file():
-            raise UsageError("--eval-file", f"no file {self.eval_file!r} in CPython's standard library at "
-                                            f"{data.stdlib_root()}")
-        for flag, value in (("--data", self.data), ("--eval-data", self.eval_data)):
-            if data.missing_path(value):
-                raise UsageError(flag, f"no such file or folder: {value!r}")
+        check_training_flags(self)
 
 
 def calibration_blocks(train, n: int) -> torch.Tensor:

@@ -131,20 +131,26 @@ class RelufyConfig:
         return not self.data or self.data == data.STDLIB
 
     def check(self) -> None:
-        if self.warmup_steps > self.steps:
-            warnings.warn(UsageWarning("--warmup-steps", f"{self.warmup_steps} warm-up steps is more than --steps "
-                                                         f"({self.steps}): the learning rate never reaches --lr "
-                                                         f"({self.lr}); lower --warmup-steps"), stacklevel=2)
-        resolve_model(self.model, self.gguf)
+        check_training_flags(self)
         if self.teacher or self.teacher_gguf:
             resolve_model(self.teacher or self.model, self.teacher_gguf, model_flag="--teacher",
                           gguf_flag="--teacher-gguf")
-        if self.default_data and not self.eval_data and not (data.stdlib_root() / self.eval_file).is_file():
-            raise UsageError("--eval-file", f"no file {self.eval_file!r} in CPython's standard library at "
-                                            f"{data.stdlib_root()}")
-        for flag, value in (("--data", self.data), ("--eval-data", self.eval_data)):
-            if data.missing_path(value):
-                raise UsageError(flag, f"no such file or folder: {value!r}")
+
+
+def check_training_flags(cfg) -> None:
+    """The cross-field checks of the fine-tuning commands (relufy, recover): warm-up vs steps (a warning), the
+    model, the held-out file of the default data, the data paths (raises :class:`UsageError` naming the flag)."""
+    if cfg.warmup_steps > cfg.steps:
+        warnings.warn(UsageWarning("--warmup-steps", f"{cfg.warmup_steps} warm-up steps is more than --steps "
+                                                     f"({cfg.steps}): the learning rate never reaches --lr "
+                                                     f"({cfg.lr}); lower --warmup-steps"), stacklevel=3)
+    resolve_model(cfg.model, cfg.gguf)
+    if cfg.default_data and not cfg.eval_data and not (data.stdlib_root() / cfg.eval_file).is_file():
+        raise UsageError("--eval-file", f"no file {cfg.eval_file!r} in CPython's standard library at "
+                                        f"{data.stdlib_root()}")
+    for flag, value in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if data.missing_path(value):
+            raise UsageError(flag, f"no such file or folder: {value!r}")
 
 
 def hub_repo(value: str) -> str | None:
