@@ -234,8 +234,11 @@ def test_sparsity_out_without_matplotlib_fails_before_measuring(tmp_path, models
 ], ids=["demo", "relufy"])
 def test_ctrl_c_is_one_line_and_exit_130(marker, argv, tmp_path, docs, models):
     argv = [a.format(tmp=tmp_path, silu=models["silu"]) for a in argv]
+    # the child gets Ctrl-C's default disposition, as in a terminal: a runner started in the background (`cmd &`
+    # in a script) ignores SIGINT, and an ignored SIGINT is inherited (Python then installs no handler)
     proc = subprocess.Popen([sys.executable, "-m", "hf_stochact.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     try:
         seen = ""
         while marker not in seen:
