@@ -69,7 +69,8 @@ class OptionalBuildExt(build_ext):
 LIMITED_API = ("Py_LIMITED_API", "0x030A0000")
 
 setup(
-    ext_modules=[Extension("hf_stochact.kernels._C", ["hf_stochact/kernels/csrc/kernels.c"], py_limited_api=True,
+    ext_modules=[Extension("hf_stochact.kernels._C", ["hf_stochact/kernels/csrc/kernels.c",
+                                                       "hf_stochact/kernels/csrc/decode.c"], py_limited_api=True,
                            define_macros=[LIMITED_API])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

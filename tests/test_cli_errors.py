@@ -178,12 +178,34 @@ def docs(tmp_path):
     return tmp_path / "docs"
 
 
-def test_a_diverged_model_never_replaces_the_saved_one(tmp_path, docs, models, capsys):
+def poison_after_training(monkeypatch):
+    """Make the fine-tune end with non-finite weights, whatever the CPU's arithmetic: a callback sets one weight to
+    NaN when training ends (a huge --lr gives NaN on some CPUs and a dead but finite model on others, e.g. AMX)."""
+    import math
+
+    import torch
+    import transformers as tf
+
+    class Poison(tf.TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                model.get_output_embeddings().weight[0, 0] = math.nan
+
+    original_init = tf.Trainer.__init__
+
+    def init(self, *args, callbacks=None, **kwargs):
+        original_init(self, *args, callbacks=[*(callbacks or []), Poison()], **kwargs)
+
+    monkeypatch.setattr(tf.Trainer, "__init__", init)
+
+
+def test_a_diverged_model_never_replaces_the_saved_one(tmp_path, docs, models, capsys, monkeypatch):
+    poison_after_training(monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"the good model")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    last = fails(relufy_argv(models, out, "--lr", "1e6"), capsys, "--lr", "training diverged: held-out perplexity")
+    last = fails(relufy_argv(models, out, "--lr", "1e-3"), capsys, "--lr", "training diverged: held-out perplexity nan")
     assert "nothing was saved" in last
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

@@ -399,6 +399,9 @@ def run(cfg: RelufyConfig) -> dict:
                                  f"(now {cfg.lr}){f' or --l1 (now {cfg.l1})' if cfg.l1 else ''}")
     sparsity = sum(per_layer.values()) / len(per_layer)
     say(f"      ppl {ppl_after:.3f} ({ppl_after / ppl_before - 1:+.1%}), FFN sparsity {sparsity:.1%}")
+    dead = dead_ffn_warning(per_layer, cfg.lr)
+    if dead:
+        say(f"      warning: {dead}")
     dtype_name = str(dtype).removeprefix("torch.")
     say(f"[5/5] saving {dtype_name} weights to {out_dir} ({dtype_reason})")
     model.to(dtype)
@@ -498,6 +501,16 @@ def command_line(cfg, command: str = "relufy") -> str:
     return " ".join(parts)
 
 
+def dead_ffn_warning(per_layer: dict[str, float], lr: float) -> str:
+    """A warning when fine-tuning left FFN layers whose every unit is zero on the held-out text (a dead ReLU layer
+    passes nothing; a huge learning rate does this on some CPUs instead of giving NaN), else ''."""
+    dead = [name for name, value in per_layer.items() if value >= 1.0]
+    if not dead:
+        return ""
+    return (f"{len(dead)} of {len(per_layer)} FFN layers output only zeros on the held-out text (dead ReLUs, e.g. "
+            f"{dead[0]}): the model was saved, but those layers pass nothing; try a lower --lr (now {lr})")
+
+
 def summary_table(report: dict) -> str:
     cfg = report["config"]
     change = report["ppl_after"] / report["ppl_before"] - 1
@@ -507,6 +520,7 @@ def summary_table(report: dict) -> str:
             ("perplexity before", f"{report['ppl_before']:.3f}"),
             ("perplexity after (ReLU)", f"{report['ppl_after']:.3f} ({change:+.1%})"),
             ("FFN exact zeros", f"{report['sparsity']:.1%}"), ("time", f"{report['seconds']:.0f} s"),
+            *([("warning", dead)] if (dead := dead_ffn_warning(report["sparsity_per_layer"], cfg["lr"])) else []),
             ("saved to", f"{cfg['output_dir']} ({report['save_dtype']} weights)")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "  summary", *(f"  {k:<{width}}  {v}" for k, v in rows)])

@@ -754,6 +754,10 @@ static PyObject *py_has_openmp(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* the native decode step (decode.c) */
+PyObject *hf_stochact_decode_plan(PyObject *self, PyObject *args);
+PyObject *hf_stochact_decode_step(PyObject *self, PyObject *args);
+
 static PyMethodDef methods[] = {
     {"draw_forward", py_draw_forward, METH_VARARGS,
      "draw_forward(x, y, n, seed, threshold, negative_only, dtype, nthreads): y <- m ? y : relu(x)"},
@@ -767,6 +771,10 @@ static PyMethodDef methods[] = {
      "sparse_rows(x, T, d_in, max_active, io, nthreads, parallel_min, ys, ((w, b, d_out, dtype, thr), ...)) -> ks"},
     {"dense_rows", py_dense_rows, METH_VARARGS,
      "dense_rows(x, w, b, y, n, d, T, dtype, nthreads): y = x w^T + b, rows of w contiguous"},
+    {"decode_plan", hf_stochact_decode_plan, METH_VARARGS,
+     "decode_plan(model_spec, layer_specs) -> plan capsule (hf_stochact/kernels/native.py builds the specs)"},
+    {"decode_step", hf_stochact_decode_step, METH_VARARGS,
+     "decode_step(plan, token, rope, cache, seed, logits, nthreads) -> 0, or -1 when a cache is full"},
     {"has_openmp", py_has_openmp, METH_NOARGS, "whether the loops were built with OpenMP"},
     {NULL, NULL, 0, NULL},
 };

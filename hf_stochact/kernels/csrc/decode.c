@@ -1,0 +1,836 @@
+/*
+ * The native decode step: one call into C per generated token runs every decoder layer of a pre-norm transformer
+ * (Llama, Mistral, Qwen2/3, SmolLM, Gemma 2 layouts), the final norm and the LM head, reading the model's own
+ * parameters and HF's static KV cache in place. Built and checked by hf_stochact/kernels/native.py (the only code
+ * that passes pointers here) from a plan made by hf_stochact/runtime/native.py.
+ *
+ *   plan = decode_plan(model_spec, layer_specs)   a capsule owning the plan (pointers, sizes: no tensor data)
+ *   decode_step(plan, token, rope, cache, seeds, logits, nthreads) -> 0, or -1 when the cache is full
+ *
+ * Per layer, with x the residual stream (float32 throughout, whatever the weights' dtype):
+ *
+ *   a = n1(x); q, k, v = Wq a, Wk a, Wv a (+ biases); q, k <- qk-norms, RoPE; k, v -> cache at the layer's length
+ *   o = Wo attention(q, cache)  (GQA, scale, optional tanh soft-cap, sliding window = the cache's own capacity)
+ *   x += n2(o)                  (n2: Gemma 2's post-attention norm, identity elsewhere)
+ *   m = n3(x); h = act(Wg m) * (Wu m); x += n4(Wd h)
+ *
+ * Linear layers come in two layouts: "rows" (nn.Linear's [out, in], a dot product per output, rows split between
+ * the threads) and "input rows" ([in, out], what sparsify stores for thresholded layers and W_down: only the rows
+ * of inputs with |x| > threshold are read, split between the threads with one partial sum each, added after a
+ * barrier). A gated ReLU FFN whose down projection is in input rows reads only the up and down rows of its active
+ * neurons (the gate is computed densely): exact ReLU sparsity.
+ *
+ * Threads: one OpenMP region per step; work-sharing loops end in the region's barriers (about seven per layer).
+ * Scratch memory is allocated per call; the plan is read-only after it is built, so threads may share it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define NMULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NMULTIVERSION
+#endif
+#if defined(_MSC_VER)
+#define NPRAGMA(x) __pragma(x)
+#else
+#define NPRAGMA(x) _Pragma(#x)
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define NSIMD NPRAGMA(omp simd)
+#define NPREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define NSIMD
+#define NPREFETCH(p) ((void)0)
+#endif
+
+#define MAX_THREADS 64
+#define ROWS 4   /* rows per pass of a dot-product loop */
+#define LANES 16 /* accumulators per row */
+
+enum { LAYOUT_ROWS = 0, LAYOUT_INPUT_ROWS = 1 };
+enum { NORM_NONE = 0, NORM_RMS = 1, NORM_RMS_ONE_PLUS = 2 };
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3, ACT_RELU2 = 4, ACT_STOCHASTIC = 5 };
+
+typedef struct {
+    const void *w;   /* NULL: absent */
+    const float *b;  /* float32 bias or NULL */
+    int dtype;       /* 0 float32, 1 bfloat16 */
+    int layout;      /* LAYOUT_ROWS [dout, din] or LAYOUT_INPUT_ROWS [din, dout] */
+    Py_ssize_t din, dout;
+    float thr;       /* input rows: inputs with |x| <= thr skipped; thr < 0: every input row read */
+} Lin;
+
+typedef struct {
+    const void *w; /* NULL with kind NORM_NONE */
+    int dtype, kind;
+    float eps;
+    Py_ssize_t d;
+} Norm;
+
+typedef struct {
+    Norm n1, n2, n3, n4, qn, kn;
+    Lin q, k, v, o, gate, up, down;
+    int heads, kv_heads, head_dim, act, sparse_ffn, rope;
+    float scale, softcap, p, negative_only;
+} Layer;
+
+typedef struct {
+    int n_layers, n_rope, rope_dim;
+    Py_ssize_t d, vocab, max_din, max_dout, dff;
+    const void *embed;
+    int embed_dtype;
+    float embed_scale, logit_softcap;
+    Norm final_norm;
+    Lin head;
+    Layer *layers;
+} Plan;
+
+static inline float nbf16(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t nto_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40u);
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+static inline float load_w(const void *w, int dtype, Py_ssize_t i) {
+    return dtype == 0 ? ((const float *)w)[i] : nbf16(((const uint16_t *)w)[i]);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Kernels (compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time; portable C elsewhere) */
+
+/* out[j - r0] = W[row(j)] . x + b[row(j)] for r0 <= j < r1, row(j) = idx ? idx[j] : j, rows of W [n, d]: ROWS rows
+ * per pass with LANES accumulators each (no float reduction chain; the compiler vectorises the lanes) */
+#define DEFINE_DOT_ROWS(NAME, TYPE, LOAD)                                                                         \
+    NMULTIVERSION static void NAME(const TYPE *W, const float *x, Py_ssize_t d, const int32_t *idx, Py_ssize_t r0, \
+                                   Py_ssize_t r1, const float *b, float *out) {                                \
+        Py_ssize_t dv = d / LANES * LANES;                                                                     \
+        for (Py_ssize_t j = r0; j < r1; j += ROWS) {                                                           \
+            const TYPE *w[ROWS];                                                                               \
+            Py_ssize_t row[ROWS];                                                                              \
+            int nr = r1 - j < ROWS ? (int)(r1 - j) : ROWS;                                                     \
+            for (int r = 0; r < ROWS; ++r) {                                                                   \
+                Py_ssize_t jj = j + (r < nr ? r : 0);                                                          \
+                row[r] = idx ? idx[jj] : jj;                                                                   \
+                w[r] = W + row[r] * d;                                                                         \
+            }                                                                                                  \
+            float acc[ROWS][LANES];                                                                            \
+            for (int r = 0; r < ROWS; ++r)                                                                     \
+                for (int l = 0; l < LANES; ++l) acc[r][l] = 0.0f;                                              \
+            for (Py_ssize_t c = 0; c < dv; c += LANES)                                                         \
+                for (int r = 0; r < ROWS; ++r) {                                                               \
+                    const TYPE *wr = w[r] + c;                                                                 \
+                    NSIMD for (int l = 0; l < LANES; ++l) acc[r][l] += LOAD(wr, l) * x[c + l];                 \
+                }                                                                                              \
+            for (int r = 0; r < nr; ++r) {                                                                     \
+                float s = 0.0f;                                                                                \
+                for (Py_ssize_t c = dv; c < d; ++c) s += LOAD(w[r], c) * x[c];                                 \
+                for (int l = 0; l < LANES; ++l) s += acc[r][l];                                                \
+                out[j + r - r0] = s + (b ? b[row[r]] : 0.0f);                                                  \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+#define NLOAD_F32(p, i) ((p)[i])
+#define NLOAD_BF16(p, i) nbf16((p)[i])
+DEFINE_DOT_ROWS(dot_rows_f32, float, NLOAD_F32)
+DEFINE_DOT_ROWS(dot_rows_bf16, uint16_t, NLOAD_BF16)
+
+/* y[c] += sum_i h[i] * WT[idx[i]][c] for i < n, rows of WT [*, d]: four rows per pass */
+NMULTIVERSION static void axpy_rows_f32n(const float *WT, const float *h, const int32_t *idx, Py_ssize_t n,
+                                         float *y, Py_ssize_t d) {
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float *r0 = WT + (Py_ssize_t)idx[i] * d, *r1 = WT + (Py_ssize_t)idx[i + 1] * d,
+                    *r2 = WT + (Py_ssize_t)idx[i + 2] * d, *r3 = WT + (Py_ssize_t)idx[i + 3] * d;
+        if (i + 8 <= n)
+            for (Py_ssize_t c = 0; c < d; c += 16) {
+                NPREFETCH(WT + (Py_ssize_t)idx[i + 4] * d + c);
+                NPREFETCH(WT + (Py_ssize_t)idx[i + 5] * d + c);
+                NPREFETCH(WT + (Py_ssize_t)idx[i + 6] * d + c);
+                NPREFETCH(WT + (Py_ssize_t)idx[i + 7] * d + c);
+            }
+        const float h0 = h[i], h1 = h[i + 1], h2 = h[i + 2], h3 = h[i + 3];
+        NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] += h0 * r0[c] + h1 * r1[c] + h2 * r2[c] + h3 * r3[c];
+    }
+    for (; i < n; ++i) {
+        const float *r = WT + (Py_ssize_t)idx[i] * d;
+        const float hi = h[i];
+        NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] += hi * r[c];
+    }
+}
+
+NMULTIVERSION static void axpy_rows_bf16n(const uint16_t *WT, const float *h, const int32_t *idx, Py_ssize_t n,
+                                          float *y, Py_ssize_t d) {
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const uint16_t *r0 = WT + (Py_ssize_t)idx[i] * d, *r1 = WT + (Py_ssize_t)idx[i + 1] * d,
+                       *r2 = WT + (Py_ssize_t)idx[i + 2] * d, *r3 = WT + (Py_ssize_t)idx[i + 3] * d;
+        if (i + 8 <= n)
+            for (Py_ssize_t c = 0; c < d; c += 32) {
+                NPREFETCH(WT + (Py_ssize_t)idx[i + 4] * d + c);
+                NPREFETCH(WT + (Py_ssize_t)idx[i + 5] * d + c);
+                NPREFETCH(WT + (Py_ssize_t)idx[i + 6] * d + c);
+                NPREFETCH(WT + (Py_ssize_t)idx[i + 7] * d + c);
+            }
+        const float h0 = h[i], h1 = h[i + 1], h2 = h[i + 2], h3 = h[i + 3];
+        NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] +=
+            h0 * nbf16(r0[c]) + h1 * nbf16(r1[c]) + h2 * nbf16(r2[c]) + h3 * nbf16(r3[c]);
+    }
+    for (; i < n; ++i) {
+        const uint16_t *r = WT + (Py_ssize_t)idx[i] * d;
+        const float hi = h[i];
+        NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] += hi * nbf16(r[c]);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Scratch (per call) */
+
+typedef struct {
+    float *x, *a, *q, *k, *v, *att, *o, *g, *u, *h, *y, *scores, *rope;
+    float *part;     /* [P][max_dout] partial sums of input-rows layers */
+    int32_t *idx;    /* [P][max_din]: each thread's list of active input rows */
+    float *val;      /* [P][max_din]: their values */
+    int32_t *ffn_idx; /* [dff] the active neurons of a sparse FFN */
+    Py_ssize_t ffn_k;
+    Py_ssize_t max_len;
+} Scratch;
+
+static inline void thread_range(Py_ssize_t n, int p, int P, Py_ssize_t *a, Py_ssize_t *b) {
+    *a = n * p / P;
+    *b = n * (p + 1) / P;
+}
+
+/* Rows layout: this thread's share of the outputs (rows split in blocks of ROWS, no barrier). */
+static void lin_rows_part(const Lin *L, const float *x, float *y, int p, int P) {
+    Py_ssize_t blocks = (L->dout + ROWS - 1) / ROWS, b0, b1;
+    thread_range(blocks, p, P, &b0, &b1);
+    Py_ssize_t r0 = b0 * ROWS, r1 = b1 * ROWS < L->dout ? b1 * ROWS : L->dout;
+    if (r1 <= r0) return;
+    if (L->dtype == 0)
+        dot_rows_f32((const float *)L->w, x, L->din, NULL, r0, r1, L->b, y + r0);
+    else
+        dot_rows_bf16((const uint16_t *)L->w, x, L->din, NULL, r0, r1, L->b, y + r0);
+}
+
+/* Input-rows layout, phase 1: every thread lists the active inputs (the same list in each thread: a scan of din
+ * floats is cheaper than a barrier), takes its share and sums it into its partial [dout]. */
+static void lin_input_part(const Lin *L, const float *x, Scratch *s, int p, int P, Py_ssize_t part_stride) {
+    int32_t *idx = s->idx + (Py_ssize_t)p * L->din;
+    float *val = s->val + (Py_ssize_t)p * L->din;
+    Py_ssize_t n = 0;
+    const float thr = L->thr;
+    for (Py_ssize_t i = 0; i < L->din; ++i) {
+        float xi = x[i];
+        /* thr >= 0: |x| > thr (NaN kept); thr < 0: every non-zero input (exact zeros add nothing) */
+        int on = thr >= 0.0f ? !(fabsf(xi) <= thr) : xi != 0.0f;
+        if (on) {
+            idx[n] = (int32_t)i;
+            val[n++] = xi;
+        }
+    }
+    Py_ssize_t a, b;
+    thread_range(n, p, P, &a, &b);
+    float *part = s->part + (Py_ssize_t)p * part_stride;
+    memset(part, 0, (size_t)L->dout * sizeof(float));
+    if (b > a) {
+        if (L->dtype == 0)
+            axpy_rows_f32n((const float *)L->w, val + a, idx + a, b - a, part, L->dout);
+        else
+            axpy_rows_bf16n((const uint16_t *)L->w, val + a, idx + a, b - a, part, L->dout);
+    }
+}
+
+/* Input-rows layout, phase 2 (after a barrier): this thread's columns of y = bias + sum of the partials. */
+static void lin_input_reduce(const Lin *L, const Scratch *s, float *y, int p, int P, Py_ssize_t part_stride) {
+    Py_ssize_t c0, c1;
+    thread_range(L->dout, p, P, &c0, &c1);
+    for (Py_ssize_t c = c0; c < c1; ++c) {
+        float acc = L->b ? L->b[c] : 0.0f;
+        for (int q = 0; q < P; ++q) acc += s->part[(Py_ssize_t)q * part_stride + c];
+        y[c] = acc;
+    }
+}
+
+/* y = L x by every thread of the region, ending with a barrier. Layers of the input-rows layout share the partial
+ * buffer, so they run one at a time (two barriers each); rows-layout layers need none in between (nowait). */
+static void lin_run(const Lin *const *Ls, const float *x, float *const *ys, int n, Scratch *s, int p, int P,
+                    Py_ssize_t part_stride) {
+    for (int i = 0; i < n; ++i)
+        if (Ls[i]->layout == LAYOUT_ROWS) lin_rows_part(Ls[i], x, ys[i], p, P);
+    for (int i = 0; i < n; ++i)
+        if (Ls[i]->layout == LAYOUT_INPUT_ROWS) {
+            lin_input_part(Ls[i], x, s, p, P, part_stride);
+#pragma omp barrier
+            lin_input_reduce(Ls[i], s, ys[i], p, P, part_stride);
+#pragma omp barrier
+        }
+#pragma omp barrier
+}
+
+static void norm_apply(const Norm *N, const float *x, float *out, Py_ssize_t d) {
+    if (N->kind == NORM_NONE) {
+        if (out != x) memcpy(out, x, (size_t)d * sizeof(float));
+        return;
+    }
+    double ss = 0.0;
+    for (Py_ssize_t i = 0; i < d; ++i) ss += (double)x[i] * x[i];
+    float inv = (float)(1.0 / sqrt(ss / (double)d + (double)N->eps));
+    for (Py_ssize_t i = 0; i < d; ++i) {
+        float w = load_w(N->w, N->dtype, i);
+        out[i] = x[i] * inv * (N->kind == NORM_RMS_ONE_PLUS ? 1.0f + w : w);
+    }
+}
+
+static inline float act_value(int act, float g) {
+    switch (act) {
+    case ACT_SILU: return g / (1.0f + expf(-g));
+    case ACT_GELU_TANH: {
+        const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+        return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
+    }
+    case ACT_GELU: return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+    case ACT_RELU: return g > 0.0f ? g : (g != g ? g : 0.0f);
+    case ACT_RELU2: { float r = g > 0.0f ? g : (g != g ? g : 0.0f); return r * r; }
+    default: return g;
+    }
+}
+
+/* The stochastic activation's draw, as hf_stochact/kernels/csrc/kernels.c: SiLU where u(i) < p, else ReLU */
+static inline uint32_t dmix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline float stochastic_value(float g, uint64_t seed, uint32_t i, uint64_t threshold, int negative_only) {
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    uint32_t u = dmix32(dmix32(i ^ k0) ^ k1);
+    int drawn = threshold >= 0x100000000ULL || (uint64_t)u < threshold;
+    if (negative_only && !(g < 0.0f)) drawn = 0;
+    return drawn ? g / (1.0f + expf(-g)) : act_value(ACT_RELU, g);
+}
+
+/* RoPE in place on n_heads vectors of head_dim, rotate-half convention, first rot dims (cos/sin [rot]) */
+static void rope_apply(float *v, int n_heads, int head_dim, const float *cs, int rot) {
+    const float *c = cs, *sn = cs + rot;
+    int half = rot / 2;
+    for (int h = 0; h < n_heads; ++h) {
+        float *x = v + (Py_ssize_t)h * head_dim;
+        for (int i = 0; i < half; ++i) {
+            float a = x[i], b = x[i + half];
+            x[i] = a * c[i] - b * sn[i];
+            x[i + half] = b * c[i + half] + a * sn[i + half];
+        }
+    }
+}
+
+typedef struct {
+    void *k, *v;         /* [1, kv_heads, cap, head_dim] */
+    int dtype;
+    Py_ssize_t cap;
+    int64_t *length;     /* cumulative_length (int64 scalar) */
+    Py_ssize_t slide_len; /* -1: a full-attention layer; else the sliding layer's cumulative_length_int */
+    Py_ssize_t pos;      /* where this step's k/v go; n: how many cached entries attention reads */
+    Py_ssize_t n;
+    int roll;            /* sliding layer full: shift by one first */
+} CacheLayer;
+
+static inline void store_kv(void *dst, int dtype, Py_ssize_t off, const float *src, int n) {
+    if (dtype == 0)
+        memcpy((float *)dst + off, src, (size_t)n * sizeof(float));
+    else
+        for (int i = 0; i < n; ++i) ((uint16_t *)dst)[off + i] = nto_bf16(src[i]);
+}
+
+NMULTIVERSION static float dot_kv(const void *K, int dtype, Py_ssize_t off, const float *q, int hd) {
+    float acc[LANES] = {0};
+    int hv = hd / LANES * LANES;
+    float s = 0.0f;
+    if (dtype == 0) {
+        const float *k = (const float *)K + off;
+        for (int c = 0; c < hv; c += LANES) NSIMD for (int l = 0; l < LANES; ++l) acc[l] += q[c + l] * k[c + l];
+        for (int c = hv; c < hd; ++c) s += q[c] * k[c];
+    } else {
+        const uint16_t *k = (const uint16_t *)K + off;
+        for (int c = 0; c < hv; c += LANES)
+            NSIMD for (int l = 0; l < LANES; ++l) acc[l] += q[c + l] * nbf16(k[c + l]);
+        for (int c = hv; c < hd; ++c) s += q[c] * nbf16(k[c]);
+    }
+    for (int l = 0; l < LANES; ++l) s += acc[l];
+    return s;
+}
+
+NMULTIVERSION static void axpy_kv(const void *V, int dtype, Py_ssize_t off, float w, float *out, int hd) {
+    if (dtype == 0) {
+        const float *v = (const float *)V + off;
+        NSIMD for (int i = 0; i < hd; ++i) out[i] += w * v[i];
+    } else {
+        const uint16_t *v = (const uint16_t *)V + off;
+        NSIMD for (int i = 0; i < hd; ++i) out[i] += w * nbf16(v[i]);
+    }
+}
+
+/* attention of head h over the layer's n cached entries into out [head_dim] */
+static void attend(const Layer *Ly, const CacheLayer *C, const float *q, int h, float *scores, float *out) {
+    int hd = Ly->head_dim, group = Ly->heads / Ly->kv_heads, kvh = h / group;
+    Py_ssize_t base = (Py_ssize_t)kvh * C->cap * hd;
+    float m = -INFINITY;
+    for (Py_ssize_t t = 0; t < C->n; ++t) {
+        float s = dot_kv(C->k, C->dtype, base + t * hd, q, hd) * Ly->scale;
+        if (Ly->softcap > 0.0f) s = tanhf(s / Ly->softcap) * Ly->softcap;
+        scores[t] = s;
+        if (s > m) m = s;
+    }
+    float sum = 0.0f;
+    for (Py_ssize_t t = 0; t < C->n; ++t) {
+        scores[t] = expf(scores[t] - m);
+        sum += scores[t];
+    }
+    for (int i = 0; i < hd; ++i) out[i] = 0.0f;
+    float inv = 1.0f / sum;
+    for (Py_ssize_t t = 0; t < C->n; ++t) axpy_kv(C->v, C->dtype, base + t * hd, scores[t] * inv, out, hd);
+}
+
+static void roll_left(void *buf, int dtype, int kv_heads, Py_ssize_t cap, int hd) {
+    size_t el = dtype == 0 ? 4 : 2, row = (size_t)hd * el;
+    for (int h = 0; h < kv_heads; ++h) {
+        char *b = (char *)buf + (size_t)h * (size_t)cap * row;
+        memmove(b, b + row, (size_t)(cap - 1) * row);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The step */
+
+static void run_layer(const Plan *pl, int li, CacheLayer *C, const float *rope, uint64_t seed, Scratch *s, int p,
+                      int P, Py_ssize_t part_stride) {
+    const Layer *Ly = &pl->layers[li];
+    Py_ssize_t d = pl->d;
+    int hd = Ly->head_dim;
+    /* 1. attention input */
+    if (p == 0) norm_apply(&Ly->n1, s->x, s->a, d);
+#pragma omp barrier
+    {
+        const Lin *Ls[3] = {&Ly->q, &Ly->k, &Ly->v};
+        float *const ys[3] = {s->q, s->k, s->v};
+        lin_run(Ls, s->a, ys, 3, s, p, P, part_stride);
+    }
+    /* 2. q/k norms, RoPE, the cache write */
+    if (p == 0) {
+        if (Ly->qn.kind != NORM_NONE)
+            for (int h = 0; h < Ly->heads; ++h) norm_apply(&Ly->qn, s->q + h * hd, s->q + h * hd, hd);
+        if (Ly->kn.kind != NORM_NONE)
+            for (int h = 0; h < Ly->kv_heads; ++h) norm_apply(&Ly->kn, s->k + h * hd, s->k + h * hd, hd);
+        if (pl->rope_dim > 0) {
+            const float *cs = rope + (Py_ssize_t)Ly->rope * 2 * pl->rope_dim;
+            rope_apply(s->q, Ly->heads, hd, cs, pl->rope_dim);
+            rope_apply(s->k, Ly->kv_heads, hd, cs, pl->rope_dim);
+        }
+        if (C->roll) {
+            roll_left(C->k, C->dtype, Ly->kv_heads, C->cap, hd);
+            roll_left(C->v, C->dtype, Ly->kv_heads, C->cap, hd);
+        }
+        for (int h = 0; h < Ly->kv_heads; ++h) {
+            Py_ssize_t off = ((Py_ssize_t)h * C->cap + C->pos) * hd;
+            store_kv(C->k, C->dtype, off, s->k + h * hd, hd);
+            store_kv(C->v, C->dtype, off, s->v + h * hd, hd);
+        }
+    }
+#pragma omp barrier
+    /* 3. attention, heads split between the threads */
+    {
+        Py_ssize_t h0, h1;
+        thread_range(Ly->heads, p, P, &h0, &h1);
+        for (Py_ssize_t h = h0; h < h1; ++h)
+            attend(Ly, C, s->q + h * hd, (int)h, s->scores + (Py_ssize_t)p * s->max_len, s->att + h * hd);
+    }
+#pragma omp barrier
+    {
+        const Lin *Ls[1] = {&Ly->o};
+        float *const ys[1] = {s->o};
+        lin_run(Ls, s->att, ys, 1, s, p, P, part_stride);
+    }
+    /* 4. residual, FFN input */
+    if (p == 0) {
+        norm_apply(&Ly->n2, s->o, s->o, d);
+        for (Py_ssize_t i = 0; i < d; ++i) s->x[i] += s->o[i];
+        norm_apply(&Ly->n3, s->x, s->a, d);
+    }
+#pragma omp barrier
+    Py_ssize_t dff = Ly->gate.dout;
+    if (Ly->sparse_ffn) {
+        /* exact ReLU sparsity: dense gate, then the up rows and down rows of the active neurons only */
+        {
+            const Lin *Ls[1] = {&Ly->gate};
+            float *const ys[1] = {s->g};
+            lin_run(Ls, s->a, ys, 1, s, p, P, part_stride);
+        }
+        if (p == 0) {
+            Py_ssize_t k = 0;
+            for (Py_ssize_t i = 0; i < dff; ++i) {
+                float r = act_value(Ly->act, s->g[i]);
+                if (r != 0.0f) {
+                    s->ffn_idx[k] = (int32_t)i;
+                    s->g[k++] = r; /* compacted in place: k <= i */
+                }
+            }
+            s->ffn_k = k;
+        }
+#pragma omp barrier
+        Py_ssize_t k = s->ffn_k, a0, a1;
+        thread_range(k, p, P, &a0, &a1);
+        if (a1 > a0) {
+            if (Ly->up.dtype == 0)
+                dot_rows_f32((const float *)Ly->up.w, s->a, d, s->ffn_idx, a0, a1, Ly->up.b, s->h + a0);
+            else
+                dot_rows_bf16((const uint16_t *)Ly->up.w, s->a, d, s->ffn_idx, a0, a1, Ly->up.b, s->h + a0);
+            for (Py_ssize_t j = a0; j < a1; ++j) s->h[j] *= s->g[j];
+        }
+#pragma omp barrier
+        /* down rows of the active neurons, split between the threads, one partial sum each */
+        {
+            float *part = s->part + (Py_ssize_t)p * part_stride;
+            memset(part, 0, (size_t)d * sizeof(float));
+            if (a1 > a0) {
+                if (Ly->down.dtype == 0)
+                    axpy_rows_f32n((const float *)Ly->down.w, s->h + a0, s->ffn_idx + a0, a1 - a0, part, d);
+                else
+                    axpy_rows_bf16n((const uint16_t *)Ly->down.w, s->h + a0, s->ffn_idx + a0, a1 - a0, part, d);
+            }
+        }
+#pragma omp barrier
+        lin_input_reduce(&Ly->down, s, s->y, p, P, part_stride);
+#pragma omp barrier
+    } else {
+        {
+            const Lin *Ls[2] = {&Ly->gate, &Ly->up};
+            float *const ys[2] = {s->g, s->u};
+            lin_run(Ls, s->a, ys, 2, s, p, P, part_stride);
+        }
+        {
+            Py_ssize_t c0, c1;
+            thread_range(dff, p, P, &c0, &c1);
+            if (Ly->act == ACT_STOCHASTIC) {
+                uint64_t threshold = (uint64_t)((double)Ly->p * 4294967296.0 + 0.5);
+                for (Py_ssize_t i = c0; i < c1; ++i)
+                    s->h[i] = stochastic_value(s->g[i], seed, (uint32_t)i, threshold, Ly->negative_only != 0.0f) *
+                              s->u[i];
+            } else {
+                for (Py_ssize_t i = c0; i < c1; ++i) s->h[i] = act_value(Ly->act, s->g[i]) * s->u[i];
+            }
+        }
+#pragma omp barrier
+        {
+            const Lin *Ls[1] = {&Ly->down};
+            float *const ys[1] = {s->y};
+            lin_run(Ls, s->h, ys, 1, s, p, P, part_stride);
+        }
+    }
+    if (p == 0) {
+        norm_apply(&Ly->n4, s->y, s->y, d);
+        for (Py_ssize_t i = 0; i < d; ++i) s->x[i] += s->y[i];
+    }
+#pragma omp barrier
+}
+
+static void plan_free(PyObject *capsule) {
+    Plan *pl = (Plan *)PyCapsule_GetPointer(capsule, "hf_stochact.decode_plan");
+    if (pl == NULL) return;
+    free(pl->layers);
+    free(pl);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Python entry points */
+
+static int parse_lin(PyObject *t, Lin *L) {
+    unsigned long long w = 0, b = 0;
+    double thr = -1.0;
+    if (t == Py_None) {
+        memset(L, 0, sizeof(*L));
+        return 1;
+    }
+    if (!PyArg_ParseTuple(t, "KKiinnd", &w, &b, &L->dtype, &L->layout, &L->din, &L->dout, &thr)) return 0;
+    L->w = (const void *)w;
+    L->b = (const float *)b;
+    L->thr = (float)thr;
+    if (L->w == NULL || L->din < 1 || L->dout < 1 || (L->dtype != 0 && L->dtype != 1) ||
+        (L->layout != LAYOUT_ROWS && L->layout != LAYOUT_INPUT_ROWS)) {
+        PyErr_SetString(PyExc_ValueError, "decode_plan: a bad linear spec");
+        return 0;
+    }
+    return 1;
+}
+
+static int parse_norm(PyObject *t, Norm *N) {
+    unsigned long long w = 0;
+    double eps = 0.0;
+    if (t == Py_None) {
+        memset(N, 0, sizeof(*N));
+        return 1;
+    }
+    if (!PyArg_ParseTuple(t, "Kiidn", &w, &N->dtype, &N->kind, &eps, &N->d)) return 0;
+    N->w = (const void *)w;
+    N->eps = (float)eps;
+    if (N->w == NULL || N->d < 1 || (N->kind != NORM_RMS && N->kind != NORM_RMS_ONE_PLUS)) {
+        PyErr_SetString(PyExc_ValueError, "decode_plan: a bad norm spec");
+        return 0;
+    }
+    return 1;
+}
+
+static int fail(const char *what) {
+    PyErr_Format(PyExc_ValueError, "decode_plan: inconsistent sizes (%s)", what);
+    return 0;
+}
+
+static int lin_fits(const Lin *L, Py_ssize_t din, Py_ssize_t dout) {
+    return L->w != NULL && L->din == din && L->dout == dout;
+}
+
+/* decode_plan((embed, embed_dtype, embed_scale, vocab, d, final_norm, head, logit_softcap, n_rope, rope_dim),
+ *             (layer, ...)) with layer = (n1, n2, n3, n4, qn, kn, q, k, v, o, gate, up, down,
+ *             heads, kv_heads, head_dim, act, sparse_ffn, rope, scale, softcap, p, negative_only) */
+static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
+    PyObject *model, *layers;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyTuple_Type, &model, &PyTuple_Type, &layers)) return NULL;
+    Plan *pl = (Plan *)calloc(1, sizeof(Plan));
+    if (pl == NULL) return PyErr_NoMemory();
+    unsigned long long embed = 0;
+    double escale = 1.0, lsoft = 0.0;
+    PyObject *fn, *head;
+    if (!PyArg_ParseTuple(model, "KidnnOOdii", &embed, &pl->embed_dtype, &escale, &pl->vocab, &pl->d, &fn, &head,
+                          &lsoft, &pl->n_rope, &pl->rope_dim))
+        goto error;
+    pl->embed = (const void *)embed;
+    pl->embed_scale = (float)escale;
+    pl->logit_softcap = (float)lsoft;
+    if (!parse_norm(fn, &pl->final_norm) || !parse_lin(head, &pl->head)) goto error;
+    if (pl->embed == NULL || pl->d < 1 || pl->vocab < 1 || !lin_fits(&pl->head, pl->d, pl->vocab) ||
+        pl->head.layout != LAYOUT_ROWS || pl->final_norm.d != pl->d || pl->n_rope < 0 || pl->rope_dim < 0 ||
+        pl->rope_dim % 2) {
+        fail("model");
+        goto error;
+    }
+    pl->n_layers = (int)PyTuple_Size(layers);
+    pl->layers = (Layer *)calloc((size_t)(pl->n_layers ? pl->n_layers : 1), sizeof(Layer));
+    if (pl->layers == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    pl->max_din = pl->d;
+    pl->max_dout = pl->d;
+    for (int i = 0; i < pl->n_layers; ++i) {
+        Layer *Ly = &pl->layers[i];
+        PyObject *n[6], *l[7];
+        double scale, softcap, p, neg;
+        if (!PyArg_ParseTuple(PyTuple_GetItem(layers, i), "OOOOOOOOOOOOOiiiiiidddd", &n[0], &n[1], &n[2], &n[3],
+                              &n[4], &n[5], &l[0], &l[1], &l[2], &l[3], &l[4], &l[5], &l[6], &Ly->heads,
+                              &Ly->kv_heads, &Ly->head_dim, &Ly->act, &Ly->sparse_ffn, &Ly->rope, &scale, &softcap,
+                              &p, &neg))
+            goto error;
+        if (!parse_norm(n[0], &Ly->n1) || !parse_norm(n[1], &Ly->n2) || !parse_norm(n[2], &Ly->n3) ||
+            !parse_norm(n[3], &Ly->n4) || !parse_norm(n[4], &Ly->qn) || !parse_norm(n[5], &Ly->kn) ||
+            !parse_lin(l[0], &Ly->q) || !parse_lin(l[1], &Ly->k) || !parse_lin(l[2], &Ly->v) ||
+            !parse_lin(l[3], &Ly->o) || !parse_lin(l[4], &Ly->gate) || !parse_lin(l[5], &Ly->up) ||
+            !parse_lin(l[6], &Ly->down))
+            goto error;
+        Ly->scale = (float)scale;
+        Ly->softcap = (float)softcap;
+        Ly->p = (float)p;
+        Ly->negative_only = (float)neg;
+        Py_ssize_t d = pl->d, H = Ly->heads, Hk = Ly->kv_heads, hd = Ly->head_dim, dff = Ly->gate.dout;
+        if (H < 1 || Hk < 1 || H % Hk || hd < 1 || hd % 2 || pl->rope_dim > hd || Ly->rope < 0 ||
+            (pl->rope_dim && Ly->rope >= pl->n_rope) || Ly->act < ACT_SILU || Ly->act > ACT_STOCHASTIC) {
+            fail("heads/rope/activation");
+            goto error;
+        }
+        if (Ly->n1.kind == NORM_NONE || Ly->n1.d != d || Ly->n3.kind == NORM_NONE || Ly->n3.d != d ||
+            (Ly->n2.kind != NORM_NONE && Ly->n2.d != d) || (Ly->n4.kind != NORM_NONE && Ly->n4.d != d) ||
+            (Ly->qn.kind != NORM_NONE && Ly->qn.d != hd) || (Ly->kn.kind != NORM_NONE && Ly->kn.d != hd)) {
+            fail("norms");
+            goto error;
+        }
+        if (!lin_fits(&Ly->q, d, H * hd) || !lin_fits(&Ly->k, d, Hk * hd) || !lin_fits(&Ly->v, d, Hk * hd) ||
+            !lin_fits(&Ly->o, H * hd, d) || !lin_fits(&Ly->gate, d, dff) || !lin_fits(&Ly->up, d, dff) ||
+            !lin_fits(&Ly->down, dff, d)) {
+            fail("linear layers");
+            goto error;
+        }
+        if (Ly->sparse_ffn && (Ly->gate.layout != LAYOUT_ROWS || Ly->up.layout != LAYOUT_ROWS ||
+                               Ly->down.layout != LAYOUT_INPUT_ROWS || (Ly->act != ACT_RELU && Ly->act != ACT_RELU2))) {
+            fail("sparse FFN");
+            goto error;
+        }
+        const Lin *all[7] = {&Ly->q, &Ly->k, &Ly->v, &Ly->o, &Ly->gate, &Ly->up, &Ly->down};
+        for (int j = 0; j < 7; ++j) {
+            if (all[j]->din > pl->max_din) pl->max_din = all[j]->din;
+            if (all[j]->dout > pl->max_dout) pl->max_dout = all[j]->dout;
+        }
+        if (dff > pl->dff) pl->dff = dff;
+    }
+    PyObject *capsule = PyCapsule_New(pl, "hf_stochact.decode_plan", plan_free);
+    if (capsule == NULL) goto error;
+    return capsule;
+error:
+    free(pl->layers);
+    free(pl);
+    return NULL;
+}
+
+/* decode_step(plan, token, rope, cache, seed, logits, nthreads) -> 0, or -1 if a full-attention layer's cache
+ * is full (the caller falls back). rope: pointer to float32 [n_rope, 2, rope_dim] (cos, sin per position table);
+ * cache: one (k, v, dtype, cap, length_ptr, slide_len) per layer, slide_len -1 for full attention;
+ * logits: float32 [vocab]. */
+static PyObject *py_decode_step(PyObject *self, PyObject *args) {
+    PyObject *capsule, *cache;
+    long long token;
+    unsigned long long rope, logits, seed;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "OLKO!KKi", &capsule, &token, &rope, &PyTuple_Type, &cache, &seed, &logits,
+                          &nthreads))
+        return NULL;
+    Plan *pl = (Plan *)PyCapsule_GetPointer(capsule, "hf_stochact.decode_plan");
+    if (pl == NULL) return NULL;
+    if (token < 0 || token >= pl->vocab) {
+        PyErr_Format(PyExc_ValueError, "decode_step: token %lld outside the vocabulary [0, %zd)", token, pl->vocab);
+        return NULL;
+    }
+    if (PyTuple_Size(cache) != pl->n_layers) {
+        PyErr_SetString(PyExc_ValueError, "decode_step: one cache entry per layer expected");
+        return NULL;
+    }
+    if (pl->rope_dim > 0 && rope == 0) {
+        PyErr_SetString(PyExc_ValueError, "decode_step: no rope table");
+        return NULL;
+    }
+    CacheLayer *C = (CacheLayer *)calloc((size_t)(pl->n_layers ? pl->n_layers : 1), sizeof(CacheLayer));
+    if (C == NULL) return PyErr_NoMemory();
+    Py_ssize_t max_len = 1;
+    int full = 0;
+    for (int i = 0; i < pl->n_layers; ++i) {
+        unsigned long long k, v, len;
+        if (!PyArg_ParseTuple(PyTuple_GetItem(cache, i), "KKinKn", &k, &v, &C[i].dtype, &C[i].cap, &len,
+                              &C[i].slide_len)) {
+            free(C);
+            return NULL;
+        }
+        C[i].k = (void *)k;
+        C[i].v = (void *)v;
+        C[i].length = (int64_t *)len;
+        if (C[i].k == NULL || C[i].v == NULL || C[i].length == NULL || C[i].cap < 1 ||
+            (C[i].dtype != 0 && C[i].dtype != 1)) {
+            free(C);
+            PyErr_SetString(PyExc_ValueError, "decode_step: a bad cache entry");
+            return NULL;
+        }
+        if (C[i].slide_len < 0) {
+            int64_t at = *C[i].length;
+            if (at < 0 || at >= C[i].cap) full = 1;
+            C[i].pos = at;
+            C[i].n = at + 1;
+        } else if (C[i].slide_len < C[i].cap) {
+            C[i].pos = C[i].slide_len;
+            C[i].n = C[i].slide_len + 1;
+        } else {
+            C[i].roll = 1;
+            C[i].pos = C[i].cap - 1;
+            C[i].n = C[i].cap;
+        }
+        if (C[i].n > max_len) max_len = C[i].n;
+    }
+    if (full) {
+        free(C);
+        return PyLong_FromLong(-1);
+    }
+    int P = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
+    Py_ssize_t d = pl->d, hmax = 0;
+    for (int i = 0; i < pl->n_layers; ++i) {
+        Py_ssize_t qd = (Py_ssize_t)pl->layers[i].heads * pl->layers[i].head_dim;
+        if (qd > hmax) hmax = qd;
+    }
+    Py_ssize_t part_stride = pl->max_dout > pl->vocab ? pl->max_dout : pl->vocab;
+    Py_ssize_t dff = pl->dff > 1 ? pl->dff : 1;
+    size_t floats = (size_t)(4 * d + 4 * hmax + 3 * dff + d) + (size_t)P * (size_t)max_len +
+                    (size_t)P * (size_t)part_stride + (size_t)P * (size_t)pl->max_din;
+    size_t ints = (size_t)P * (size_t)pl->max_din + (size_t)dff;
+    char *mem = (char *)malloc(floats * sizeof(float) + ints * sizeof(int32_t) + 64);
+    if (mem == NULL) {
+        free(C);
+        return PyErr_NoMemory();
+    }
+    Scratch s;
+    float *f = (float *)mem;
+    s.x = f; f += d;
+    s.a = f; f += d;
+    s.o = f; f += d;
+    s.y = f; f += d;
+    s.q = f; f += hmax;
+    s.k = f; f += hmax;
+    s.v = f; f += hmax;
+    s.att = f; f += hmax;
+    s.g = f; f += dff;
+    s.u = f; f += dff;
+    s.h = f; f += dff;
+    s.scores = f; f += (Py_ssize_t)P * max_len;
+    s.part = f; f += (Py_ssize_t)P * part_stride;
+    s.val = f; f += (Py_ssize_t)P * pl->max_din;
+    s.idx = (int32_t *)f;
+    s.ffn_idx = s.idx + (Py_ssize_t)P * pl->max_din;
+    s.max_len = max_len;
+    s.rope = (float *)rope;
+    float *out = (float *)logits;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < d; ++i) s.x[i] = load_w(pl->embed, pl->embed_dtype, token * d + i) * pl->embed_scale;
+#pragma omp parallel num_threads(P)
+    {
+#ifdef _OPENMP
+        int p = omp_get_thread_num(), np = omp_get_num_threads();
+#else
+        int p = 0, np = 1;
+#endif
+        for (int li = 0; li < pl->n_layers; ++li) {
+            uint64_t z = seed + 0x9E3779B97F4A7C15ULL * (uint64_t)(li + 1); /* a seed per layer (splitmix64) */
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            run_layer(pl, li, &C[li], (const float *)rope, z ^ (z >> 31), &s, p, np, part_stride);
+        }
+        if (p == 0) norm_apply(&pl->final_norm, s.x, s.a, d);
+#pragma omp barrier
+        lin_rows_part(&pl->head, s.a, out, p, np);
+#pragma omp barrier
+        if (pl->logit_softcap > 0.0f) {
+            Py_ssize_t c0, c1;
+            thread_range(pl->vocab, p, np, &c0, &c1);
+            for (Py_ssize_t c = c0; c < c1; ++c) out[c] = tanhf(out[c] / pl->logit_softcap) * pl->logit_softcap;
+        }
+    }
+    for (int i = 0; i < pl->n_layers; ++i)
+        if (C[i].slide_len < 0 || C[i].slide_len < C[i].cap) *C[i].length += 1; /* as HF's update() */
+    Py_END_ALLOW_THREADS
+    free(mem);
+    free(C);
+    return PyLong_FromLong(0);
+}
+
+PyObject *hf_stochact_decode_plan(PyObject *self, PyObject *args) { return py_decode_plan(self, args); }
+PyObject *hf_stochact_decode_step(PyObject *self, PyObject *args) { return py_decode_step(self, args); }

@@ -1,0 +1,677 @@
+"""The native decode step: one call into C per generated token (``hf_stochact/kernels/csrc/decode.c``).
+
+:func:`~hf_stochact.fast_decode` puts it behind the model's own ``forward``: a decode step of one sequence (one
+new token, HF's static KV cache, no gradient) runs every layer, the final norm and the LM head in one C call that
+reads the model's parameters and the cache tensors in place (+0 weight copies); everything else (prefill, batches,
+training, outputs of attentions or hidden states, a layout or weight it cannot read) runs the model's ordinary
+forward. ``generate`` keeps everything it does around the step: logits processors, stopping criteria, streamers.
+
+What is run is found by walking modules, not by model family: :data:`DECODER_LAYOUTS` names where the norms sit in
+a decoder layer (pre-norm Llama-style, or Gemma 2/3's four norms); attention is ``q/k/v/o_proj`` (optional per-head
+``q_norm``/``k_norm``), the FFN is found by :func:`hf_stochact.layouts.find_mlps`. The kind of every norm (``w`` or
+``1 + w``) and activation is decided by running the module on a probe, and the whole plan is then checked end to
+end: two steps of the native plan against the model's own forward on the same tokens, before it is ever used. A
+plan that disagrees is not used, and the reason is kept (:func:`describe`).
+
+Safety: shapes, dtypes and layouts are checked when the plan is built (:mod:`hf_stochact.kernels.native`); every
+step re-checks the parameters' data pointers and a counter of module/parameter registrations (a replaced child, a
+``.to()``, a re-``sparsify`` rebuild the plan), and the plan keeps a reference to every tensor it reads, so even a
+stale plan never reads freed memory. Scratch memory is per call: threads with their own caches may share a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..kernels import native as kn
+
+#: Where the norms of a decoder layer sit: ``n1`` before attention, ``n2`` on the attention output (before the
+#: residual add), ``n3`` before the FFN, ``n4`` on the FFN output. Most specific first.
+DECODER_LAYOUTS: tuple[tuple[str, tuple[str | None, str | None, str | None, str | None]], ...] = (
+    ("gemma2", ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")),  # Gemma 2, Gemma 3
+    ("llama", ("input_layernorm", None, "post_attention_layernorm", None)),  # Llama, Mistral, Qwen2/3, SmolLM, Phi-3 MLP
+)
+
+_ACT_PROBE = torch.linspace(-4.0, 4.0, 97, dtype=torch.float64)
+_ACT_REFERENCES = {
+    "silu": nn.functional.silu,
+    "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "gelu": nn.functional.gelu,
+    "relu": torch.relu,
+    "relu2": lambda x: torch.relu(x) ** 2,
+}
+
+# ---- registrations: a child or parameter assigned anywhere bumps the counter (plans re-check it every step) ----
+_REGISTRATIONS = [0]
+_HOOKS_INSTALLED = threading.Lock()
+_INSTALLED: list[Any] = []
+
+
+def _bump(*args: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _watch_registrations() -> None:
+    with _HOOKS_INSTALLED:
+        if not _INSTALLED:
+            from torch.nn.modules import module as m
+
+            _INSTALLED.extend([m.register_module_module_registration_hook(_bump),
+                               m.register_module_parameter_registration_hook(_bump),
+                               m.register_module_buffer_registration_hook(_bump)])
+
+
+class Unsupported(ValueError):
+    """The native step cannot run this model (the message says why)."""
+
+
+@dataclasses.dataclass
+class _Built:
+    plan: kn.Plan
+    layout: str
+    dtype: str
+    params: list[torch.Tensor]  # every parameter read (pointers re-checked per step)
+    ptrs: list[int]
+    versions: list[tuple[torch.Tensor, int]]  # converted biases: their version at build
+    registrations: int
+    modules: list[nn.Module]  # hooks checked when a generate call starts
+    activations: frozenset[int]  # ids of the FFN activation modules (stochastic decoding)
+    rotary: nn.Module
+    layer_types: list[str] | None
+    rope_dim: int
+    dims: list[tuple[int, int, int | None]] = dataclasses.field(default_factory=list)
+    rope_table: torch.Tensor | None = None
+    summary: str = ""
+    check_error: float = float("nan")
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+def _act_kind(module: nn.Module) -> str:
+    try:
+        y = module(_ACT_PROBE.float()).double()
+    except Exception as error:  # noqa: BLE001 - any activation that cannot run on a probe is unsupported
+        raise Unsupported(f"the FFN activation {type(module).__name__} failed on a probe ({error})") from error
+    for name, ref in _ACT_REFERENCES.items():
+        if torch.allclose(y, ref(_ACT_PROBE), atol=1e-5, rtol=1e-5):
+            return name
+    raise Unsupported(f"the FFN activation {type(module).__name__} is none of {', '.join(_ACT_REFERENCES)}")
+
+
+def _norm_spec(keep: kn.Keep, module: nn.Module | None, d: int, what: str) -> tuple | None:
+    if module is None:
+        return None
+    weight = module._parameters.get("weight")
+    eps = next((getattr(module, a) for a in ("variance_epsilon", "eps") if isinstance(getattr(module, a, None),
+                                                                                     float)), None)
+    if weight is None or eps is None or weight.shape != (d,):
+        raise Unsupported(f"{what} ({type(module).__name__}) is not an RMS norm over {d} features")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, d, generator=generator).to(weight.dtype)
+    with torch.no_grad():
+        y = module(x).double()
+    xd = x.double()
+    normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight.detach().double()
+    scale = y.abs().max().item() + 1e-6
+    tol = 1e-4 if weight.dtype == torch.float32 else 3e-2
+    errors = {kn.NORM_RMS: (y - normed * w).abs().max().item(), kn.NORM_RMS_ONE_PLUS: (y - normed * (1 + w)).abs()
+              .max().item()}
+    kind = min(errors, key=errors.get)
+    if errors[kind] > tol * scale:
+        raise Unsupported(f"{what} ({type(module).__name__}) computes neither x/rms(x)*w nor x/rms(x)*(1+w)")
+    return kn.norm_spec(keep, weight, kind, eps)
+
+
+def _linear(keep: kn.Keep, layer: nn.Module, d_in: int, d_out: int, what: str, built: dict) -> tuple:
+    """The spec of a projection: plain ``nn.Linear`` (rows layout, or the input-rows layout sparsify gives W_down),
+    or sparsify's thresholded layer (input rows, its threshold)."""
+    from ..inference.sparse import ThresholdedLinear
+
+    threshold = -1.0
+    if isinstance(layer, ThresholdedLinear):
+        if layer.rotation is not None:
+            raise Unsupported(f"{what} has a rotated threshold (rotate=...): not in the native step yet")
+        threshold = layer.threshold
+        layer = layer.original
+    if type(layer) is not nn.Linear:
+        raise Unsupported(f"{what} is a {type(layer).__name__}, not a plain nn.Linear (an adapter or quantized "
+                          "layer runs in the model's own forward)")
+    weight, bias = layer._parameters["weight"], layer._parameters.get("bias")
+    if weight.__class__ not in (torch.Tensor, nn.Parameter) or not weight.is_cpu:
+        raise Unsupported(f"{what}'s weight is not a plain CPU tensor")
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        raise Unsupported(f"{what}'s weight is {weight.dtype} (float32 and bfloat16 run natively)")
+    built["params"].append(weight)
+    if bias is not None:
+        built["params"].append(bias)
+        if bias.dtype != torch.float32:
+            built["versions"].append((bias, bias._version))
+    if threshold >= 0.0 or (not weight.is_contiguous() and weight.t().is_contiguous()):
+        w_t = weight.t()
+        if not w_t.is_contiguous():
+            w_t = None
+        if w_t is None:
+            raise Unsupported(f"{what}'s thresholded weight is not in the rows layout")
+        try:
+            return kn.linear_spec(keep, w_t, bias, kn.INPUT_ROWS, d_in, d_out, threshold)
+        except ValueError as error:
+            raise Unsupported(f"{what}: {error}") from error
+    try:
+        return kn.linear_spec(keep, weight, bias, kn.ROWS, d_in, d_out)
+    except ValueError as error:
+        raise Unsupported(f"{what}: {error}") from error
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm")):
+        raise Unsupported(f"{type(model).__name__} has no decoder with embed_tokens/layers/norm")
+    return decoder
+
+
+def _head(model: nn.Module) -> nn.Module:
+    from ..inference.sparse import RowsHead
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, RowsHead):
+        head = head.original
+    if type(head) is not nn.Linear:
+        raise Unsupported(f"the LM head is a {type(head).__name__}, not a plain nn.Linear")
+    return head
+
+
+def _hooked(modules: list[nn.Module]) -> str | None:
+    from ..inference.sparse import _global_hooks, _internal
+
+    if _global_hooks():
+        return "a global module hook is registered"
+    for m in modules:
+        if m._forward_pre_hooks or (m._forward_hooks and not all(_internal(h) for h in m._forward_hooks.values())):
+            return f"a {type(m).__name__} has a forward hook (hooks run in the model's own forward)"
+        if getattr(m, "_hf_hook", None) is not None:
+            return f"a {type(m).__name__} has an accelerate hook"
+    return None
+
+
+def build(model: nn.Module) -> _Built:
+    """Build and self-check the plan for ``model``. Raises :class:`Unsupported` with the reason."""
+    from ..layouts import find_mlps
+
+    if not kn.available():
+        raise Unsupported("the C loops are not built or are switched off in this thread")
+    _watch_registrations()
+    registrations = _REGISTRATIONS[0]
+    config = getattr(model, "config", None)
+    decoder = _decoder(model)
+    embed, layers, final_norm = decoder.embed_tokens, decoder.layers, decoder.norm
+    rotary = getattr(decoder, "rotary_emb", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or rotary is None:
+        raise Unsupported("the decoder has no list of layers or no rotary embedding")
+    weight = embed._parameters.get("weight") if isinstance(embed, nn.Embedding) else None
+    if weight is None:
+        raise Unsupported(f"the input embedding is a {type(embed).__name__}, not an nn.Embedding")
+    vocab, d = weight.shape
+    head = _head(model)
+    mlps = {id(m.module): m for m in find_mlps(model, need="pre+down")}
+    keep = kn.Keep()
+    built: dict[str, list] = {"params": [weight], "versions": []}
+    modules: list[nn.Module] = [model, decoder, embed, final_norm, head]
+    activations: set[int] = set()
+    layer_types = getattr(config, "layer_types", None)
+    layer_specs, layout_name = [], None
+    dims: list[tuple[int, int, int | None]] = []  # per layer: kv heads, head dim, sliding window
+    for i, layer in enumerate(layers):
+        row = next(((name, norms) for name, norms in DECODER_LAYOUTS
+                    if all(n is None or n in layer._modules for n in norms)), None)
+        attn, mlp_module = layer._modules.get("self_attn"), layer._modules.get("mlp")
+        if row is None or attn is None or mlp_module is None:
+            raise Unsupported(f"decoder layer {i} ({type(layer).__name__}) matches no row of DECODER_LAYOUTS")
+        layout_name = layout_name or row[0]
+        n1, n2, n3, n4 = (layer._modules[n] if n else None for n in row[1])
+        a = attn._modules
+        if not all(k in a for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise Unsupported(f"layer {i}'s attention has no q_proj/k_proj/v_proj/o_proj (fused projections run "
+                              "in the model's own forward)")
+        head_dim = getattr(attn, "head_dim", None)
+        scale = getattr(attn, "scaling", None)
+        if not isinstance(head_dim, int) or not isinstance(scale, float):
+            raise Unsupported(f"layer {i}'s attention has no head_dim/scaling")
+        q_out = _out_features(a["q_proj"])
+        k_out = _out_features(a["k_proj"])
+        if q_out % head_dim or k_out % head_dim:
+            raise Unsupported(f"layer {i}: projections do not split into heads of {head_dim}")
+        heads, kv_heads = q_out // head_dim, k_out // head_dim
+        softcap = getattr(attn, "attn_logit_softcapping", None) or 0.0
+        mlp = mlps.get(id(mlp_module))
+        if mlp is None or not mlp.layout.gated or mlp.layout.fused_gate_up:
+            raise Unsupported(f"layer {i}'s FFN is not a gated MLP with separate gate/up/down projections")
+        act_module = mlp.activation
+        act = _act_kind(act_module)
+        from ..activations.stochastic import StochasticActivation
+
+        stochastic = isinstance(act_module, StochasticActivation)
+        activations.add(id(act_module))
+        gate, up, down = (mlp.child(n) for n in (mlp.layout.pre, mlp.layout.up, mlp.layout.down))
+        dff = _out_features(gate)
+        specs = {}
+        for name, lin, din, dout in (("q", a["q_proj"], d, q_out), ("k", a["k_proj"], d, k_out),
+                                     ("v", a["v_proj"], d, k_out), ("o", a["o_proj"], q_out, d),
+                                     ("gate", gate, d, dff), ("up", up, d, dff), ("down", down, dff, d)):
+            specs[name] = _linear(keep, lin, din, dout, f"layer {i} {name}", built)
+        sparse_ffn = int(act in ("relu", "relu2") and specs["down"][3] == kn.INPUT_ROWS and specs["down"][6] < 0
+                         and specs["gate"][3] == kn.ROWS and specs["up"][3] == kn.ROWS)
+        norms = [_norm_spec(keep, n, d, f"layer {i} norm") for n in (n1, n2, n3, n4)]
+        qk = [_norm_spec(keep, a.get(n), head_dim, f"layer {i} {n}") for n in ("q_norm", "k_norm")]
+        for n in (n1, n2, n3, n4, a.get("q_norm"), a.get("k_norm")):
+            if n is not None:
+                built["params"].append(n._parameters["weight"])
+        rope = 0
+        if layer_types is not None and _rotary_takes_layer_type(rotary):
+            rope = sorted(set(layer_types)).index(layer_types[i])
+        p, negative_only = _stochastic_settings(act_module) if stochastic else (0.0, 0.0)
+        layer_specs.append((*norms, *qk, specs["q"], specs["k"], specs["v"], specs["o"], specs["gate"], specs["up"],
+                            specs["down"], heads, kv_heads, head_dim, kn.ACTIVATIONS[act], sparse_ffn, rope, scale,
+                            float(softcap), p, negative_only))
+        window = getattr(attn, "sliding_window", None)
+        if window is None and layer_types is None:
+            window = getattr(config, "sliding_window", None)
+        dims.append((kv_heads, head_dim, window if isinstance(window, int) else None))
+        modules.extend([layer, attn, mlp_module, *(m for m in (n1, n2, n3, n4) if m is not None),
+                        *(a[k] for k in a), gate, up, down, act_module])
+    embed_ptr, embed_dtype, _ = kn.embedding_spec(keep, weight, d)
+    head_spec = _linear(keep, head, d, vocab, "the LM head", built)
+    if head_spec[3] != kn.ROWS:
+        raise Unsupported("the LM head's weight is not in the rows layout")
+    final = _norm_spec(keep, final_norm, d, "the final norm")
+    built["params"].append(final_norm._parameters["weight"])
+    rope_dim, n_rope = _rope_dim(rotary, d), 1
+    if layer_types is not None and _rotary_takes_layer_type(rotary):
+        n_rope = len(set(layer_types))
+    logit_softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
+    embed_scale = _embed_scale(decoder, embed, weight)
+    model_spec = (embed_ptr, embed_dtype, embed_scale, vocab, d, final, head_spec, logit_softcap, n_rope, rope_dim)
+    hooked = _hooked(modules)
+    if hooked:
+        raise Unsupported(hooked)
+    plan = kn.Plan(model_spec, tuple(layer_specs), keep)
+    params = built["params"]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in params})
+    result = _Built(plan, layout_name or "?", "/".join(dtypes), params, [t.data_ptr() for t in params],
+                    [(t, t._version) for t, _ in built["versions"]], registrations, modules, frozenset(activations),
+                    rotary, list(layer_types) if layer_types is not None else None, rope_dim, dims)
+    thresholded = sum(1 for spec in layer_specs for lin in spec[6:13] if lin[6] >= 0)
+    sparse = sum(spec[17] for spec in layer_specs)
+    result.summary = (f"native decode step ({result.layout} layout, {len(layer_specs)} layers, {result.dtype} "
+                      f"weights{f', {thresholded} thresholded layers' if thresholded else ''}"
+                      f"{f', {sparse} exact sparse ReLU FFNs' if sparse else ''})")
+    _self_check(model, result)
+    return result
+
+
+def _stochastic_settings(module: nn.Module) -> tuple[float, float]:
+    spec = getattr(module, "spec", None)
+    return float(getattr(spec, "p", 0.0)), float(bool(getattr(spec, "negative_only", True)))
+
+
+def _out_features(layer: nn.Module) -> int:
+    from ..inference.sparse import ThresholdedLinear
+
+    if isinstance(layer, ThresholdedLinear):
+        layer = layer.original
+    out = getattr(layer, "out_features", None)
+    if not isinstance(out, int):
+        raise Unsupported(f"a projection ({type(layer).__name__}) has no out_features")
+    return out
+
+
+@functools.cache
+def _takes_layer_type(cls: type) -> bool:
+    import inspect
+
+    return "layer_type" in inspect.signature(cls.forward).parameters
+
+
+def _rotary_takes_layer_type(rotary: nn.Module) -> bool:
+    return _takes_layer_type(type(rotary))
+
+
+def _rope_dim(rotary: nn.Module, d: int) -> int:
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None:
+        found = [b for n, b in rotary.named_buffers() if n.endswith("inv_freq")]
+        inv_freq = found[0] if found else None
+    if inv_freq is None:
+        raise Unsupported(f"the rotary embedding {type(rotary).__name__} has no inv_freq")
+    rope_type = getattr(rotary, "rope_type", "default")
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    if any(t in ("dynamic", "longrope") for t in types):
+        raise Unsupported(f"rope type {rope_type} depends on the sequence length (runs in the model's own forward)")
+    return 2 * inv_freq.numel()
+
+
+def _embed_scale(decoder: nn.Module, embed: nn.Module, weight: torch.Tensor) -> float:
+    """The factor between the embedding row and what the first layer receives (Gemma: sqrt(d)), by probing."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs.get("hidden_states")
+        raise _Stop
+
+    layer0 = decoder.layers[0]
+    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            decoder(input_ids=torch.tensor([[1]]), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    x = seen.get("x")
+    if x is None:
+        raise Unsupported("the first decoder layer's input could not be observed")
+    row = weight[1].detach().double()
+    got = x.reshape(-1).double()
+    if row.abs().max() == 0:
+        return 1.0
+    return float((got @ row) / (row @ row))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _self_check(model: nn.Module, built: _Built) -> None:
+    """Two native steps against the model's own forward (3 tokens: prefill 2, then step; and prefill 1, step, step).
+    Raises :class:`Unsupported` when they disagree beyond float rounding (a layout this plan does not describe)."""
+    from transformers import StaticCache
+
+    ids = torch.tensor([[3 % built.plan.vocab, 5 % built.plan.vocab, 7 % built.plan.vocab]])
+    bf16 = "bfloat16" in built.dtype
+    with torch.no_grad():
+        reference = model_forward(model, input_ids=ids, use_cache=False).logits[0, -1].float()
+        cache = StaticCache(config=model.config, max_cache_len=8)
+        model_forward(model, input_ids=ids[:, :2], use_cache=True, cache_position=torch.arange(2),
+                      **{_cache_field(): cache})
+        logits = torch.empty(built.plan.vocab)
+        ok = _run(built, cache, int(ids[0, 2]), 2, 0, logits)
+    if not ok:
+        raise Unsupported("the self-check's step found no room in the cache")
+    scale = reference.abs().max().item() + 1e-6
+    error = (logits - reference).abs().max().item()
+    tol = 3e-2 if bf16 else 1e-3
+    built.check_error = error / scale
+    if not error <= tol * scale:
+        raise Unsupported(f"the native step disagrees with the model's forward ({error:.3g} vs logits up to "
+                          f"{scale:.3g}): a layout the plan does not describe")
+
+
+@functools.cache
+def _cache_field() -> str:
+    """The name transformers gives the cache in outputs and forward arguments ("cache" from 5.2x, before that
+    "past_key_values")."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _output(logits: torch.Tensor, cache: Any) -> Any:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return CausalLMOutputWithPast(logits=logits, **{_cache_field(): cache})
+
+
+def model_forward(model: nn.Module, **kwargs: Any) -> Any:
+    """The model's own forward, bypassing the native step."""
+    cls = type(model)
+    base = cls.__mro__[1] if getattr(cls, "_hf_stochact_native_class", False) else cls
+    return base.forward(model, **kwargs)
+
+
+def _cache_layers(built: _Built, cache: Any) -> tuple | None:
+    """The per-layer cache specs (k, v, dtype, capacity, length) and sliding flags of a static cache, or None."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) != built.plan.n_layers:
+        return None
+    specs, sliding = [], []
+    keep = kn.Keep()
+    for i, layer in enumerate(layers):
+        if type(layer) not in (StaticLayer, StaticSlidingWindowLayer) or not layer.is_initialized:
+            return None
+        kv_heads, head_dim, window = built.dims[i]
+        is_sliding = type(layer) is StaticSlidingWindowLayer
+        if window is not None and not is_sliding and layer.max_cache_len > window:
+            return None  # the model's mask keeps a window this full-length cache layer does not
+        try:
+            specs.append(kn.cache_spec(layer.keys, layer.values, layer.cumulative_length, kv_heads, head_dim, keep))
+        except ValueError:
+            return None
+        sliding.append(is_sliding)
+    return tuple(specs), tuple(sliding), keep
+
+
+def _rope(built: _Built, position: int) -> torch.Tensor:
+    table = built.rope_table
+    if table is not None and position < table.shape[0]:
+        return table
+    with built.lock:
+        table = built.rope_table
+        if table is not None and position < table.shape[0]:
+            return table
+        n = max(256, 2 * position + 2, 0 if table is None else 2 * table.shape[0])
+        positions = torch.arange(n)[None]
+        x = torch.zeros(1, 1, dtype=torch.float32)
+        kinds = sorted(set(built.layer_types)) if built.layer_types and _rotary_takes_layer_type(built.rotary) \
+            else [None]
+        parts = []
+        with torch.no_grad():
+            for kind in kinds:
+                cos, sin = built.rotary(x, positions) if kind is None else built.rotary(x, positions, kind)
+                parts.append(torch.stack([cos[0, :, :built.rope_dim].float(), sin[0, :, :built.rope_dim].float()], 1))
+        built.rope_table = torch.stack(parts, 1).contiguous()  # [n, n_rope, 2, rope_dim]
+        return built.rope_table
+
+
+def _run(built: _Built, cache: Any, token: int, position: int, seed: int, logits: torch.Tensor) -> bool:
+    bound = cache.__dict__.get("_hf_stochact_native")
+    if bound is None or bound[0] is not built.plan:
+        layers = _cache_layers(built, cache)
+        if layers is None:
+            return False
+        bound = (built.plan, *layers)
+        cache.__dict__["_hf_stochact_native"] = bound
+    _, specs, sliding, _keep = bound
+    cache_layers = cache.layers
+    entries = tuple((*spec, cache_layers[i].cumulative_length_int if sliding[i] else -1)
+                    for i, spec in enumerate(specs))
+    if not kn.step(built.plan, token, _rope(built, position), position, entries, seed, logits):
+        return False
+    for i, s in enumerate(sliding):
+        if s:
+            cache_layers[i].cumulative_length_int += 1
+    return True
+
+
+def _mask_sees_all(mask: Any, n: int) -> bool:
+    """Whether an attention mask (2-D, 4-D boolean or additive, or transformers' per-layer-type dict, whose
+    full-attention entry is checked) lets the new token see the first ``n`` positions."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if mask is None:
+        return True
+    if not isinstance(mask, torch.Tensor) or mask.shape[0] != 1 or mask.shape[-1] < n or mask.dim() not in (2, 4):
+        return False
+    row = mask[0, :n] if mask.dim() == 2 else mask[0, 0, -1, :n]
+    return bool(row.all()) if row.dtype == torch.bool or mask.dim() == 2 else bool((row == 0).all())
+
+
+class NativeDecoder:
+    """The plan of one model, rebuilt when the model changes, with the reason whenever a step is not native."""
+
+    def __init__(self) -> None:
+        self.built: _Built | None = None
+        self.reason: str | None = None
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._checked_hooks = False
+
+    def ensure(self, model: nn.Module) -> _Built | None:
+        built = self.built
+        if built is not None and self._current(built):
+            return built
+        with self._lock:
+            built = self.built
+            if built is not None and self._current(built):
+                return built
+            try:
+                self.built, self.reason = build(model), None
+            except Unsupported as error:
+                self.built, self.reason = None, str(error)
+            return self.built
+
+    @staticmethod
+    def _current(built: _Built) -> bool:
+        return (_REGISTRATIONS[0] == built.registrations and [t.data_ptr() for t in built.params] == built.ptrs
+                and all(t._version == v for t, v in built.versions))
+
+    def describe(self) -> str:
+        if self.built is not None:
+            return self.built.summary
+        return f"model's own forward for every step (native step unavailable: {self.reason})"
+
+    def fallback(self, reason: str) -> None:
+        self.counts[reason] += 1
+
+    def step(self, model: nn.Module, args: tuple, kwargs: dict) -> Any | None:
+        """The native step's output for this call, or None (the caller runs the model's own forward)."""
+        if args:
+            if len(args) != 1 or "input_ids" in kwargs:
+                return None
+            kwargs = {**kwargs, "input_ids": args[0]}
+        ids = kwargs.get("input_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if ids is None or cache is None or ids.shape != (1, 1) or torch.is_grad_enabled():
+            self._checked_hooks = False  # a prefill or another call: hooks are re-checked at the next step
+            return None
+        for key in ("inputs_embeds", "labels", "output_attentions", "output_hidden_states"):
+            if kwargs.get(key) not in (None, False):
+                self.fallback(f"{key} given")
+                return None
+        built = self.ensure(model)
+        if built is None:
+            self.fallback(self.reason or "no plan")
+            return None
+        if not self._checked_hooks:
+            hooked = _hooked(built.modules)
+            if hooked:
+                self.fallback(hooked)
+                return None
+            self._checked_hooks = True
+        from ..activations import scope
+
+        draws = scope.current()
+        seed = 0
+        if draws is not None and any(i in draws for i in built.activations):
+            self.fallback("stochastic decoding draws in the model's own forward")
+            return None
+        layers = getattr(cache, "layers", None)
+        if not layers:
+            return None
+        first = layers[0]
+        length = getattr(first, "cumulative_length_int", None)
+        if length is None:
+            length = int(first.cumulative_length) if getattr(first, "is_initialized", False) else -1
+        position_ids, cache_position = kwargs.get("position_ids"), kwargs.get("cache_position")
+        where = position_ids if position_ids is not None else cache_position
+        position = int(where.reshape(-1)[-1]) if where is not None else length
+        if position != length or position < 0:  # left padding shifts the positions: the model's forward masks it
+            self.fallback("positions that do not follow the cache (padding)")
+            return None
+        if not _mask_sees_all(kwargs.get("attention_mask"), position + 1):
+            self.fallback("an attention mask that hides cached positions")
+            return None
+        logits = torch.empty(built.plan.vocab)
+        if not _run(built, cache, int(ids[0, 0]), position, seed, logits):
+            self.fallback("the cache is not an initialized static cache with room")
+            return None
+        self.counts["native"] += 1
+        # one token: every choice of logits_to_keep keeps it
+        return _output(logits.view(1, 1, -1), cache)
+
+
+# ---- the model's class gains a forward that tries the native step first ------------------------------------------
+_CLASSES: dict[type, type] = {}
+_CLASSES_LOCK = threading.Lock()
+
+
+def native_class(cls: type) -> type:
+    """A subclass of ``cls`` (same name, module and signature) whose ``forward`` runs the native step when it can,
+    else ``cls.forward``: the pattern of ``torch.nn.utils.parametrize``, which also gives an instance a generated
+    subclass instead of overwriting its ``forward``."""
+    if getattr(cls, "_hf_stochact_native_class", False):
+        return cls
+    with _CLASSES_LOCK:
+        if cls in _CLASSES:
+            return _CLASSES[cls]
+        base_forward = cls.forward
+
+        @functools.wraps(base_forward)
+        def forward(self, *args, **kwargs):
+            runner = self.__dict__.get("_hf_stochact_native")
+            if runner is not None:
+                out = runner.step(self, args, kwargs)
+                if out is not None:
+                    return out
+            return base_forward(self, *args, **kwargs)
+
+        sub = type(cls.__name__, (cls,), {"forward": forward, "_hf_stochact_native_class": True,
+                                          "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                          "__reduce_ex__": _reduce_ex})
+        _CLASSES[cls] = sub
+        return sub
+
+
+def _reduce_ex(self, protocol):
+    """Pickled as the original class (the native step is set up again by fast_decode after loading)."""
+    state = self.__dict__.copy()
+    state.pop("_hf_stochact_native", None)
+    return _restore, (type(self).__mro__[1], state)
+
+
+def _restore(cls: type, state: dict) -> nn.Module:
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+def enable(model: nn.Module) -> NativeDecoder:
+    """Give ``model`` the native step (its class becomes :func:`native_class`); build the plan now."""
+    runner = model.__dict__.get("_hf_stochact_native")
+    if runner is None:
+        runner = NativeDecoder()
+        model.__dict__["_hf_stochact_native"] = runner
+    model.__class__ = native_class(type(model))
+    runner.ensure(model)
+    return runner
+
+
+def disable(model: nn.Module) -> None:
+    model.__dict__.pop("_hf_stochact_native", None)
+    cls = type(model)
+    if getattr(cls, "_hf_stochact_native_class", False):
+        model.__class__ = cls.__mro__[1]
+
+
+def runner_of(model: nn.Module) -> NativeDecoder | None:
+    return model.__dict__.get("_hf_stochact_native")
+
