@@ -504,13 +504,14 @@ def _run(built: _Built, cache: Any, token: int, position: int, seed: int, logits
 
 def _mask_sees_all(mask: Any, n: int) -> bool:
     """Whether an attention mask (2-D, 4-D boolean or additive, or transformers' per-layer-type dict, whose
-    full-attention entry is checked) lets the new token see the first ``n`` positions."""
+    full-attention entry is checked) lets the new token see the first ``n`` positions (all of a window's)."""
     if isinstance(mask, dict):
         mask = mask.get("full_attention", next(iter(mask.values()), None))
     if mask is None:
         return True
-    if not isinstance(mask, torch.Tensor) or mask.shape[0] != 1 or mask.shape[-1] < n or mask.dim() not in (2, 4):
+    if not isinstance(mask, torch.Tensor) or mask.shape[0] != 1 or mask.dim() not in (2, 4):
         return False
+    n = min(n, mask.shape[-1])  # a sliding-window mask spans the window's cache only
     row = mask[0, :n] if mask.dim() == 2 else mask[0, 0, -1, :n]
     return bool(row.all()) if row.dtype == torch.bool or mask.dim() == 2 else bool((row == 0).all())
 
