@@ -1,7 +1,8 @@
 """Decode speed of one model in every way a CPU user would run it, side by side in one process: HF transformers
-eager and compiled (:func:`~hf_stochact.fast_decode`), dense and with hf_stochact's sparse points, float32 and
-bfloat16, and llama.cpp (``llama-cpp-python``) on F32 and F16 GGUFs written from the same weights — each with its
-held-out perplexity, so a speed is never quoted without its quality.
+eager, the native decode step (:func:`~hf_stochact.fast_decode`) dense ("dense rows": what the kernels give with no
+sparsity) and with hf_stochact's sparse points, float32 and bfloat16, and llama.cpp (``llama-cpp-python``) on F32
+and F16 GGUFs written from the same weights — each with its held-out perplexity, so a speed is never quoted without
+its quality, and with its bandwidth floor: the weight bytes a token must read over the measured read rate.
 
 Timing: greedy decoding of ``new_tokens`` tokens after a fixed prompt; decode tokens/s = (new_tokens - 1) / (time
 of a ``new_tokens`` call - time of a 1-token call), both timed in every round, so the prompt's prefill is left
@@ -36,6 +37,30 @@ class Variant:
     note: str = ""
     times: dict[int, list[float]] = dataclasses.field(default_factory=dict)
     tokens: list[int] = dataclasses.field(default_factory=list)
+    bytes_per_token: float = float("nan")  # weight bytes a decode step must read
+
+
+def weight_bytes(model, skipped: float = 0.0, thresholded: set[str] | None = None,
+                 dtype_bytes: float | None = None) -> float:
+    """Bytes of linear-layer weights a decode token reads: every ``nn.Linear`` (the LM head included, once even when
+    tied), the layers in ``thresholded`` (module paths) scaled by ``1 - skipped``; ``dtype_bytes`` overrides the
+    element size (a GGUF engine's F16 copy of float32 weights)."""
+    from torch import nn
+
+    from ..layouts import param
+
+    total, seen = 0.0, set()
+    for path, module in model.named_modules():
+        inner = getattr(module, "original", module)
+        if not isinstance(inner, nn.Linear):
+            continue
+        w = param(inner, "weight")
+        if id(w) in seen:
+            continue
+        seen.add(id(w))
+        size = w.numel() * (dtype_bytes or w.element_size())
+        total += size * (1.0 - skipped) if thresholded and path in thresholded else size
+    return total
 
 
 def hf_decoder(model, pad_id: int) -> Callable[[list[int], int], list[int]]:
@@ -134,24 +159,37 @@ def decode_rate(v: Variant, new_tokens: int) -> float:
     return (new_tokens - 1) / (full - one) if full > one else float("nan")  # nan: too noisy to tell
 
 
-def markdown(variants: list[Variant], new_tokens: int, reference: str, machine_line: str) -> str:
+def markdown(variants: list[Variant], new_tokens: int, reference: str, machine_line: str,
+             read_gbps: float | None = None) -> str:
     base = next(v for v in variants if v.label == reference)
     base_rate = decode_rate(base, new_tokens)
     fastest_llama = {v.dtype: decode_rate(v, new_tokens) for v in variants if v.engine == "llama.cpp"}
     lines = [machine_line, "",
              "| variant | engine | dtype | decode tok/s | vs HF eager dense fp32 | vs llama.cpp same dtype | "
-             "held-out ppl | greedy tokens = dense | note |", "|---|---|---|---|---|---|---|---|---|"]
+             "MB/token | floor tok/s | % of floor | held-out ppl | greedy tokens = dense | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense_tokens = {v.dtype: v.tokens for v in variants if v.label.startswith("HF eager dense")}
     for v in variants:
         rate = decode_rate(v, new_tokens)
         llama = fastest_llama.get(v.dtype if v.dtype != "bf16" else "f16")
         same = dense_tokens.get(v.dtype, base.tokens)
         agree = sum(a == b for a, b in zip(v.tokens, same))
+        floor = read_gbps * 1e9 / v.bytes_per_token if read_gbps and v.bytes_per_token > 0 else float("nan")
         lines.append(f"| {v.label} | {v.engine} | {v.dtype} | {rate:.1f} | {rate / base_rate:.2f}x | "
                      f"{'' if llama is None else f'{rate / llama:.2f}x'} | "
+                     f"{'' if math.isnan(v.bytes_per_token) else f'{v.bytes_per_token / 1e6:.0f}'} | "
+                     f"{'' if math.isnan(floor) else f'{floor:.0f}'} | "
+                     f"{'' if math.isnan(floor) else f'{rate / floor:.0%}'} | "
                      f"{'' if v.ppl is None or math.isnan(v.ppl) else f'{v.ppl:.3f}'} | "
                      f"{agree}/{len(same)} | {v.note} |")
     return "\n".join(lines)
+
+
+def _native_note(model, note: str) -> str:
+    from ..inference.fast import decode_path
+
+    path = decode_path(model)
+    return note if path.startswith("native decode step") else f"{note}; NOT native: {path}".lstrip("; ")
 
 
 def thresholded_copy(model, calib: torch.Tensor, sparsity: float, allocation: str):
@@ -175,6 +213,7 @@ class CompareSettings:
     threads: int = 2
     llama_cpp: bool = True
     fast: bool = True
+    eager_sparse: bool = False
     bf16: bool = True
     eval_chars: int = 20_000
     workdir: str = ""
@@ -217,35 +256,51 @@ def compare(model_dir: str, gguf: str, settings: CompareSettings, progress: Call
 
     variants: list[Variant] = []
     dense_ppl = ppl(model)
+    dense_bytes = weight_bytes(model)
     progress(f"dense fp32: held-out perplexity {dense_ppl:.3f}")
-    variants.append(Variant("HF eager dense fp32", "HF", "fp32", hf_decoder(model, pad), dense_ppl))
+    variants.append(Variant("HF eager dense fp32", "HF", "fp32", hf_decoder(model, pad), dense_ppl,
+                            bytes_per_token=dense_bytes))
     if settings.fast:
-        fast_dense = fast_decode(copy.deepcopy(model))
-        variants.append(Variant("HF fast_decode dense fp32", "HF", "fp32", hf_decoder(fast_dense, pad), dense_ppl,
-                                "static cache + compiled step"))
+        native = fast_decode(copy.deepcopy(model))
+        variants.append(Variant("native step dense fp32", "hf_stochact", "fp32", hf_decoder(native, pad), dense_ppl,
+                                _native_note(native, "dense rows: no sparsity"), bytes_per_token=dense_bytes))
     first = None
     for s in settings.sparsities:
         m, th = thresholded_copy(model, calib, s, settings.allocation)
         p = ppl(m)
-        note = f"input sparsity {th.weighted_sparsity(m):.0%} (calibrated, {settings.allocation})"
+        skipped = th.weighted_sparsity(m)
+        nbytes = weight_bytes(m, skipped, set(th.layer_sparsity))
+        note = f"input sparsity {skipped:.0%} (calibrated, {settings.allocation})"
         progress(f"thresholds {s:.0%}: perplexity {p:.3f} ({p / dense_ppl - 1:+.1%})")
-        variants.append(Variant(f"HF eager + thresholds {s:.0%}", "HF+hf_stochact", "fp32", hf_decoder(m, pad), p,
-                                note))
+        if settings.eager_sparse:
+            variants.append(Variant(f"HF eager + thresholds {s:.0%}", "HF+hf_stochact", "fp32", hf_decoder(m, pad),
+                                    p, note, bytes_per_token=nbytes))
+        if settings.fast:
+            native = fast_decode(copy.deepcopy(m))
+            variants.append(Variant(f"native step + thresholds {s:.0%}", "hf_stochact", "fp32",
+                                    hf_decoder(native, pad), p, _native_note(native, note), bytes_per_token=nbytes))
         if first is None:
-            first = (s, th, p)
-            if settings.fast:
-                variants.append(Variant(f"HF fast_decode + thresholds {s:.0%}", "HF+hf_stochact", "fp32",
-                                        hf_decoder(fast_decode(copy.deepcopy(m)), pad), p, note))
+            first = (s, th, p, skipped)
     if settings.bf16:
         dense16 = copy.deepcopy(model).to(torch.bfloat16)
         p16 = ppl(dense16)
-        variants.append(Variant("HF eager dense bf16", "HF", "bf16", hf_decoder(dense16, pad), p16))
+        bytes16 = weight_bytes(dense16)
+        variants.append(Variant("HF eager dense bf16", "HF", "bf16", hf_decoder(dense16, pad), p16,
+                                bytes_per_token=bytes16))
+        if settings.fast:
+            native16 = fast_decode(copy.deepcopy(dense16))
+            variants.append(Variant("native step dense bf16", "hf_stochact", "bf16", hf_decoder(native16, pad), p16,
+                                    _native_note(native16, "dense rows: no sparsity"), bytes_per_token=bytes16))
         if first is not None:
-            s, th, _ = first
+            s, th, _, skipped = first
             m16 = copy.deepcopy(model).to(torch.bfloat16)
             sparsify(m16, thresholds=th)
-            variants.append(Variant(f"HF eager + thresholds {s:.0%} bf16", "HF+hf_stochact", "bf16",
-                                    hf_decoder(m16, pad), ppl(m16)))
+            if settings.fast:
+                fast_decode(m16)
+            variants.append(Variant(f"{'native step' if settings.fast else 'HF eager'} + thresholds {s:.0%} bf16",
+                                    "hf_stochact" if settings.fast else "HF+hf_stochact", "bf16",
+                                    hf_decoder(m16, pad), ppl(m16), _native_note(m16, "") if settings.fast else "",
+                                    bytes_per_token=weight_bytes(m16, skipped, set(th.layer_sparsity))))
     if settings.relu_model:
         _, relu = load_causal_lm(settings.relu_model, "", command="bench --compare", model_flag="--relu-model")
         relu.eval()
@@ -277,14 +332,16 @@ def compare(model_dir: str, gguf: str, settings: CompareSettings, progress: Call
                 variants.append(Variant(f"llama.cpp {dtype.upper()}", "llama.cpp", label, decode,
                                         dense_ppl if dtype == "f32" else float("nan"),
                                         "the same weights (dequantized GGUF); ppl = HF dense fp32" if dtype == "f32"
-                                        else "the same weights in F16"))
+                                        else "the same weights in F16",
+                                        bytes_per_token=weight_bytes(model, dtype_bytes=4 if dtype == "f32" else 2)))
     time_variants(variants, prompt, settings.new_tokens, settings.rounds, progress)
     after = machine_report(bandwidth=False)
     line = describe(machine) + f"; load average after {after['load']}"
     header = (f"SmolLM2-class decode, {settings.threads} threads, greedy, prompt {PROMPT!r}, {settings.new_tokens} new "
               f"tokens, decode tok/s excluding prefill, {settings.rounds} alternated rounds, medians; held-out "
               f"perplexity on the first {settings.eval_chars} characters of argparse.py (512-token windows).")
-    table = markdown(variants, settings.new_tokens, "HF eager dense fp32", line)
+    table = markdown(variants, settings.new_tokens, "HF eager dense fp32", line, machine.get("read_gbps"))
     rows = [{"label": v.label, "engine": v.engine, "dtype": v.dtype, "tok_s": decode_rate(v, settings.new_tokens),
-             "ppl": v.ppl, "note": v.note, "tokens": v.tokens} for v in variants]
+             "ppl": v.ppl, "note": v.note, "tokens": v.tokens, "bytes_per_token": v.bytes_per_token}
+            for v in variants]
     return {"markdown": header + "\n\n" + table, "rows": rows, "machine": machine}

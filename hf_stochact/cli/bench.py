@@ -58,7 +58,7 @@ class BenchConfig:
     out: str = option("", "also write the table (markdown) to this file (in an existing folder)",
                       check=output_file(create_folder=False))
     compare: bool = option(False, "with --model/--gguf: one table of decode tok/s and held-out perplexity for HF "
-                                  "eager and fast_decode, dense and with input thresholds at --compare-sparsities, "
+                                  "eager and the native decode step (fast_decode), dense and with input thresholds at --compare-sparsities, "
                                   "float32 and bfloat16, a --relu-model, and llama.cpp on F32/F16 GGUFs written "
                                   "from the same weights (needs llama-cpp-python and --gguf)")
     compare_sparsities: str = option("0.25,0.4,0.5", "input sparsities of the --compare threshold points",
@@ -68,8 +68,9 @@ class BenchConfig:
     relu_model: str = option("", "a relufied model folder to add to --compare (exact zeros, sparsified)")
     llama_cpp: bool = option(True, "include llama.cpp rows in --compare (needs llama-cpp-python and --gguf)")
     gguf_dir: str = option("", "where --compare writes the F32/F16 GGUFs (default: a temporary folder)")
-    fast: bool = option(True, "include fast_decode (compiled, static cache) rows in --compare")
+    fast: bool = option(True, "include the native decode step rows (fast_decode) in --compare")
     bf16: bool = option(True, "include bfloat16 rows in --compare")
+    eager_sparse: bool = option(False, "also time HF eager rows of the threshold points in --compare")
 
     def check(self) -> None:
         resolve_model(self.model, self.gguf, required=False)
@@ -225,7 +226,7 @@ def run(cfg: BenchConfig) -> dict:
         settings = CompareSettings(sparsities=tuple(float(v) for v in cfg.compare_sparsities.split(",") if v),
                                    allocation=cfg.allocation, relu_model=cfg.relu_model, new_tokens=cfg.new_tokens,
                                    rounds=cfg.rounds, threads=cfg.threads, llama_cpp=cfg.llama_cpp,
-                                   fast=cfg.fast, bf16=cfg.bf16, workdir=cfg.gguf_dir)
+                                   fast=cfg.fast, eager_sparse=cfg.eager_sparse, bf16=cfg.bf16, workdir=cfg.gguf_dir)
         result["compare"] = compare(cfg.model, cfg.gguf, settings)
         print("\n" + result["compare"]["markdown"])
         if cfg.out:

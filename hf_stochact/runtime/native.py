@@ -49,14 +49,19 @@ _ACT_REFERENCES = {
     "relu2": lambda x: torch.relu(x) ** 2,
 }
 
-# ---- registrations: a child or parameter assigned anywhere bumps the counter (plans re-check it every step) ----
+# ---- registrations: a child, parameter or buffer assigned to a module some plan reads bumps the counter (plans
+# re-check it every step). Only watched modules count: transformers builds throw-away containers in every forward
+# (``self.layers[:n]`` is a new ModuleList), which must not invalidate anything. Ids of collected modules may be
+# reused: that only costs a rebuild.
 _REGISTRATIONS = [0]
+_WATCHED: set[int] = set()
 _HOOKS_INSTALLED = threading.Lock()
 _INSTALLED: list[Any] = []
 
 
-def _bump(*args: Any) -> None:
-    _REGISTRATIONS[0] += 1
+def _bump(module: nn.Module, *args: Any) -> None:
+    if id(module) in _WATCHED:
+        _REGISTRATIONS[0] += 1
 
 
 def _watch_registrations() -> None:
@@ -302,6 +307,8 @@ def build(model: nn.Module) -> _Built:
     hooked = _hooked(modules)
     if hooked:
         raise Unsupported(hooked)
+    modules.append(layers)
+    _WATCHED.update(id(m) for m in modules)
     plan = kn.Plan(model_spec, tuple(layer_specs), keep)
     params = built["params"]
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in params})
