@@ -45,6 +45,7 @@ _LAZY = {
     "sparse_stats": ".inference.sparse",
     "sparsify": ".inference.sparse",
     "unsparsify": ".inference.sparse",
+    "decode_path": ".inference.fast",
     "fast_decode": ".inference.fast",
     "Thresholds": ".inference.thresholds",
     "calibrate_thresholds": ".inference.thresholds",
@@ -74,13 +75,14 @@ _LAZY = {
     "calibrate_shift": ".training.shift",
 }
 # subpackages reachable as attributes (hf_stochact.data.load_corpus(...)) without an explicit import
-_SUBMODULES = ("activations", "analysis", "cli", "data", "inference", "integration", "kernels", "layouts", "training")
+_SUBMODULES = ("activations", "analysis", "cli", "data", "inference", "integration", "kernels", "layouts", "runtime",
+               "training")
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs (tests/test_packaging.py checks both lists agree)
     from .activations import GumbelStochActivation, LearnableStochActivation, StochasticActivation, StochasticSpec
     from .analysis.metrics import SparsityMonitor, measure_sparsity, perplexity
     from .analysis.uncertainty import Uncertainty, uncertainty
-    from .inference.fast import fast_decode
+    from .inference.fast import decode_path, fast_decode
     from .inference.sparse import SparseConfig, ThresholdedLinear, is_sparsified, sparse_stats, sparsify, unsparsify
     from .inference.thresholds import Thresholds, calibrate_thresholds
     from .integration.adapters import apply_saved_activation, load_adapter

@@ -11,6 +11,7 @@ from torch import nn
 
 import hf_stochact
 from hf_stochact import calibrate_thresholds, fast_decode, sparsify, unsparsify
+from hf_stochact.activations import scope
 from hf_stochact.inference.fast import decode_path, is_fast
 from hf_stochact.kernels import native as kn
 from hf_stochact.runtime import native
@@ -59,7 +60,7 @@ def test_native_step_gives_eagers_tokens_and_logits(name, dtype):
     built = native.runner_of(model).built
     assert built is not None, decode_path(model)
     # the self-check compared two native steps with the model's forward: its error is float rounding
-    assert built.check_error < (2e-2 if dtype == torch.bfloat16 else 1e-5), built.check_error
+    assert built.check_error < (5e-2 if dtype == torch.bfloat16 else 1e-5), built.check_error
     fast = greedy(model, ids)
     assert torch.equal(fast, eager)
     assert native.runner_of(model).counts["native"] == 31, decode_path(model)
@@ -215,8 +216,10 @@ def test_unsupported_layouts_say_why():
     fast_decode(model, enable=False)
 
 
-def test_the_self_check_refuses_a_plan_that_does_not_describe_the_model(monkeypatch):
-    model = family("gemma2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_self_check_refuses_a_plan_that_does_not_describe_the_model(monkeypatch, dtype):
+    model = family("gemma2", dtype)
+    assert native.build(model).check_error < 0.05
     monkeypatch.setattr(native, "_embed_scale", lambda *args: 1.0)  # Gemma scales its embeddings by sqrt(d)
     with pytest.raises(native.Unsupported, match="disagrees with the model's forward"):
         native.build(model)
@@ -236,8 +239,60 @@ def test_the_checked_entry_refuses_what_the_step_cannot_read():
     with torch.no_grad():
         native.model_forward(model, input_ids=prompt(4), use_cache=True, **{native._cache_field(): cache})
     logits = torch.empty(built.plan.vocab)
-    assert not native._run(built, cache, 5, 4, 0, logits)  # full: nothing written, the caller falls back
+    assert not native._run(built, cache, 5, 4, 0, None, logits)  # full: nothing written, the caller falls back
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        native._run(built, cache, 10**6, 3, 0, logits)
+        native._run(built, cache, 10**6, 3, 0, None, logits)
     with pytest.raises(ValueError, match="logits must be"):
-        native._run(built, cache, 5, 3, 0, torch.empty(3))
+        native._run(built, cache, 5, 3, 0, None, torch.empty(3))
+
+
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_stochastic_decoding_draws_in_the_native_step(act):
+    model = tiny_llama(act, layers=2).eval()
+    if act == "relu":
+        sparsify(model)  # the exact sparse FFN steps aside while a layer draws
+    ids = prompt(vocab=97)
+    eager = tiny_llama(act, layers=2).eval()
+    fast_decode(model)
+    runner = native.runner_of(model)
+    # p = 0 and p = 1 draw nothing at random: the native draw must pick the same branch as the Python path
+    for p in (0.0, 1.0):
+        with pytest.warns(UserWarning, match="draws nothing at random"):
+            want = greedy(eager, ids, 12, stochastic_activation=True, stochastic_p=p)
+        with pytest.warns(UserWarning, match="draws nothing at random"):
+            got = greedy(model, ids, 12, stochastic_activation=True, stochastic_p=p)
+        assert torch.equal(got, want), p
+    assert runner.counts["native"] == 22 and len(runner.counts) == 1, dict(runner.counts)
+    # p = 0.5: reproducible under torch's seed, different seeds give different continuations
+    runs = []
+    for seed in (3, 3, 4, 5, 6):
+        torch.manual_seed(seed)
+        runs.append(greedy(model, ids, 24, stochastic_activation=True, stochastic_p=0.5))
+    assert torch.equal(runs[0], runs[1])
+    assert len({tuple(r[0].tolist()) for r in runs[1:]}) > 1
+    assert set(runner.counts) == {"native"} and runner.counts["native"] > 22 + 5 * 5  # (EOS may end a run early)
+
+
+def test_draws_the_native_step_cannot_make_run_in_the_models_forward():
+    model = family("llama")
+    fast_decode(model)
+    torch.manual_seed(0)
+    with scope.row_generators([torch.Generator().manual_seed(1)]):
+        greedy(model, prompt(), 4, stochastic_activation=True, stochastic_p=0.5)
+    assert any("per-row generators" in k for k in native.runner_of(model).counts)
+
+
+def test_copies_and_pickles_of_a_fast_model():
+    import copy
+    import pickle
+
+    model = family("llama")
+    ids = prompt()
+    eager = greedy(model, ids, 8)
+    fast_decode(model)
+    twin = copy.deepcopy(model)
+    assert type(twin) is type(model) and torch.equal(greedy(twin, ids, 8), eager)
+    assert native.runner_of(twin) is not native.runner_of(model) and native.runner_of(twin).counts["native"] == 7
+    restored = pickle.loads(pickle.dumps(model))  # pickled as the original class: set up again with fast_decode
+    assert type(restored) is FAMILIES["llama"][0] and native.runner_of(restored) is None
+    assert torch.equal(greedy(restored, ids, 8), eager)

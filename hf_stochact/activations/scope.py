@@ -60,6 +60,17 @@ def active(draws: Mapping[int, Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Within the block, in this thread, no module draws (e.g. while a runtime probes modules in the middle of a
+    stochastic call)."""
+    saved = {k: _STATE.__dict__.pop(k) for k in ("draws", "rows") if k in _STATE.__dict__}
+    try:
+        yield
+    finally:
+        _STATE.__dict__.update(saved)
+
+
+@contextlib.contextmanager
 def row_generators(generators: list[torch.Generator]) -> Iterator[None]:
     """Within the block, in this thread, row ``b`` of every drawing activation's input takes its seeds from
     ``generators[b]``: a row draws exactly what a batch of one with that generator would draw."""

@@ -15,7 +15,7 @@ from . import ops
 
 ROWS, INPUT_ROWS = 0, 1
 NORM_RMS, NORM_RMS_ONE_PLUS = 1, 2
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "relu2": 4, "stochastic": 5}
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "relu2": 4}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -99,9 +99,11 @@ def cache_spec(keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k
 
 
 def step(plan: Plan, token: int, rope: torch.Tensor | None, rope_offset: int, cache: tuple, seed: int,
-         logits: torch.Tensor) -> bool:
+         draws: tuple | None, logits: torch.Tensor) -> bool:
     """Run one decode step; ``logits`` float32 [vocab] contiguous (written). False: a full-attention cache is full
-    (nothing written). ``rope`` float32 [positions, n_rope, 2, rope_dim], read at row ``rope_offset``."""
+    (nothing written). ``rope`` float32 [positions, n_rope, 2, rope_dim], read at row ``rope_offset``. ``draws``:
+    None, or per layer None or ``(round(p * 2**32), negative_only, smooth activation code)``: that layer's FFN
+    activation is the smooth one with probability p per element (else ReLU), drawn from ``seed``."""
     if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.numel() != plan.vocab:
         raise ValueError("logits must be a contiguous float32 vector of the vocabulary's size")
     if len(cache) != plan.n_layers:
@@ -111,5 +113,7 @@ def step(plan: Plan, token: int, rope: torch.Tensor | None, rope_offset: int, ca
         if rope.dtype != torch.float32 or not rope.is_contiguous() or not 0 <= rope_offset < rope.shape[0]:
             raise ValueError("rope table out of range")
         address = rope.data_ptr() + rope_offset * rope[0].numel() * 4
-    return ops._C.decode_step(plan.capsule, token, address, cache, seed & (2**64 - 1), logits.data_ptr(),
+    if draws is not None and len(draws) != plan.n_layers:
+        raise ValueError("one draw entry per layer expected")
+    return ops._C.decode_step(plan.capsule, token, address, cache, seed & (2**64 - 1), draws, logits.data_ptr(),
                               torch.get_num_threads()) == 0

@@ -57,7 +57,7 @@
 
 enum { LAYOUT_ROWS = 0, LAYOUT_INPUT_ROWS = 1 };
 enum { NORM_NONE = 0, NORM_RMS = 1, NORM_RMS_ONE_PLUS = 2 };
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3, ACT_RELU2 = 4, ACT_STOCHASTIC = 5 };
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3, ACT_RELU2 = 4 };
 
 typedef struct {
     const void *w;   /* NULL: absent */
@@ -79,12 +79,12 @@ typedef struct {
     Norm n1, n2, n3, n4, qn, kn;
     Lin q, k, v, o, gate, up, down;
     int heads, kv_heads, head_dim, act, sparse_ffn, rope;
-    float scale, softcap, p, negative_only;
+    float scale, softcap;
 } Layer;
 
 typedef struct {
     int n_layers, n_rope, rope_dim;
-    Py_ssize_t d, vocab, max_din, max_dout, dff;
+    Py_ssize_t d, vocab, max_din, max_dout, max_group, dff; /* max_group: the largest sum of a group's outputs */
     const void *embed;
     int embed_dtype;
     float embed_scale, logit_softcap;
@@ -208,7 +208,7 @@ typedef struct {
     float *val;      /* [P][max_din]: their values */
     int32_t *ffn_idx; /* [dff] the active neurons of a sparse FFN */
     Py_ssize_t ffn_k;
-    Py_ssize_t max_len;
+    Py_ssize_t max_len, max_din;
 } Scratch;
 
 static inline void thread_range(Py_ssize_t n, int p, int P, Py_ssize_t *a, Py_ssize_t *b) {
@@ -229,10 +229,11 @@ static void lin_rows_part(const Lin *L, const float *x, float *y, int p, int P) 
 }
 
 /* Input-rows layout, phase 1: every thread lists the active inputs (the same list in each thread: a scan of din
- * floats is cheaper than a barrier), takes its share and sums it into its partial [dout]. */
-static void lin_input_part(const Lin *L, const float *x, Scratch *s, int p, int P, Py_ssize_t part_stride) {
-    int32_t *idx = s->idx + (Py_ssize_t)p * L->din;
-    float *val = s->val + (Py_ssize_t)p * L->din;
+ * floats is cheaper than a barrier), takes its share and sums it into its partial [dout] at part_off. */
+static void lin_input_part(const Lin *L, const float *x, Scratch *s, int p, int P, Py_ssize_t part_stride,
+                           Py_ssize_t part_off) {
+    int32_t *idx = s->idx + (Py_ssize_t)p * s->max_din;
+    float *val = s->val + (Py_ssize_t)p * s->max_din;
     Py_ssize_t n = 0;
     const float thr = L->thr;
     for (Py_ssize_t i = 0; i < L->din; ++i) {
@@ -246,7 +247,7 @@ static void lin_input_part(const Lin *L, const float *x, Scratch *s, int p, int 
     }
     Py_ssize_t a, b;
     thread_range(n, p, P, &a, &b);
-    float *part = s->part + (Py_ssize_t)p * part_stride;
+    float *part = s->part + (Py_ssize_t)p * part_stride + part_off;
     memset(part, 0, (size_t)L->dout * sizeof(float));
     if (b > a) {
         if (L->dtype == 0)
@@ -257,29 +258,40 @@ static void lin_input_part(const Lin *L, const float *x, Scratch *s, int p, int 
 }
 
 /* Input-rows layout, phase 2 (after a barrier): this thread's columns of y = bias + sum of the partials. */
-static void lin_input_reduce(const Lin *L, const Scratch *s, float *y, int p, int P, Py_ssize_t part_stride) {
+static void lin_input_reduce(const Lin *L, const Scratch *s, float *y, int p, int P, Py_ssize_t part_stride,
+                             Py_ssize_t part_off) {
     Py_ssize_t c0, c1;
     thread_range(L->dout, p, P, &c0, &c1);
     for (Py_ssize_t c = c0; c < c1; ++c) {
         float acc = L->b ? L->b[c] : 0.0f;
-        for (int q = 0; q < P; ++q) acc += s->part[(Py_ssize_t)q * part_stride + c];
+        for (int q = 0; q < P; ++q) acc += s->part[(Py_ssize_t)q * part_stride + part_off + c];
         y[c] = acc;
     }
 }
 
-/* y = L x by every thread of the region, ending with a barrier. Layers of the input-rows layout share the partial
- * buffer, so they run one at a time (two barriers each); rows-layout layers need none in between (nowait). */
+/* ys[i] = Ls[i] x for a group of layers reading one input, by every thread of the region, ending with a barrier:
+ * rows-layout layers need none in between; input-rows layers keep their partial sums side by side (part_off), so
+ * the whole group costs two barriers at most. */
 static void lin_run(const Lin *const *Ls, const float *x, float *const *ys, int n, Scratch *s, int p, int P,
                     Py_ssize_t part_stride) {
-    for (int i = 0; i < n; ++i)
-        if (Ls[i]->layout == LAYOUT_ROWS) lin_rows_part(Ls[i], x, ys[i], p, P);
-    for (int i = 0; i < n; ++i)
-        if (Ls[i]->layout == LAYOUT_INPUT_ROWS) {
-            lin_input_part(Ls[i], x, s, p, P, part_stride);
-#pragma omp barrier
-            lin_input_reduce(Ls[i], s, ys[i], p, P, part_stride);
-#pragma omp barrier
+    Py_ssize_t off = 0;
+    for (int i = 0; i < n; ++i) {
+        if (Ls[i]->layout == LAYOUT_ROWS) {
+            lin_rows_part(Ls[i], x, ys[i], p, P);
+        } else {
+            lin_input_part(Ls[i], x, s, p, P, part_stride, off);
+            off += Ls[i]->dout;
         }
+    }
+    if (off > 0) {
+#pragma omp barrier
+        off = 0;
+        for (int i = 0; i < n; ++i)
+            if (Ls[i]->layout == LAYOUT_INPUT_ROWS) {
+                lin_input_reduce(Ls[i], s, ys[i], p, P, part_stride, off);
+                off += Ls[i]->dout;
+            }
+    }
 #pragma omp barrier
 }
 
@@ -321,12 +333,19 @@ static inline uint32_t dmix32(uint32_t x) {
     return x;
 }
 
-static inline float stochastic_value(float g, uint64_t seed, uint32_t i, uint64_t threshold, int negative_only) {
+/* per layer and call: a stochastic draw (generate(..., stochastic_activation=True)) */
+typedef struct {
+    uint64_t threshold; /* P(smooth branch) * 2^32; 0: no draw in this layer */
+    int negative_only;  /* draw on negative inputs only (StochA: x >= 0 stays x) */
+    int smooth;         /* the smooth branch's activation (ACT_*); the other branch is ReLU */
+} LayerDraw;
+
+static inline float stochastic_value(float g, uint64_t seed, uint32_t i, const LayerDraw *dr) {
     uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     uint32_t u = dmix32(dmix32(i ^ k0) ^ k1);
-    int drawn = threshold >= 0x100000000ULL || (uint64_t)u < threshold;
-    if (negative_only && !(g < 0.0f)) drawn = 0;
-    return drawn ? g / (1.0f + expf(-g)) : act_value(ACT_RELU, g);
+    int drawn = dr->threshold >= 0x100000000ULL || (uint64_t)u < dr->threshold;
+    if (dr->negative_only && !(g < 0.0f)) drawn = 0;
+    return drawn ? act_value(dr->smooth, g) : act_value(ACT_RELU, g);
 }
 
 /* RoPE in place on n_heads vectors of head_dim, rotate-half convention, first rot dims (cos/sin [rot]) */
@@ -421,8 +440,8 @@ static void roll_left(void *buf, int dtype, int kv_heads, Py_ssize_t cap, int hd
 /* ---------------------------------------------------------------------------------------------------------------
  * The step */
 
-static void run_layer(const Plan *pl, int li, CacheLayer *C, const float *rope, uint64_t seed, Scratch *s, int p,
-                      int P, Py_ssize_t part_stride) {
+static void run_layer(const Plan *pl, int li, CacheLayer *C, const float *rope, uint64_t seed, const LayerDraw *dr,
+                      Scratch *s, int p, int P, Py_ssize_t part_stride) {
     const Layer *Ly = &pl->layers[li];
     Py_ssize_t d = pl->d;
     int hd = Ly->head_dim;
@@ -477,7 +496,7 @@ static void run_layer(const Plan *pl, int li, CacheLayer *C, const float *rope, 
     }
 #pragma omp barrier
     Py_ssize_t dff = Ly->gate.dout;
-    if (Ly->sparse_ffn) {
+    if (Ly->sparse_ffn && dr == NULL) {
         /* exact ReLU sparsity: dense gate, then the up rows and down rows of the active neurons only */
         {
             const Lin *Ls[1] = {&Ly->gate};
@@ -518,7 +537,7 @@ static void run_layer(const Plan *pl, int li, CacheLayer *C, const float *rope, 
             }
         }
 #pragma omp barrier
-        lin_input_reduce(&Ly->down, s, s->y, p, P, part_stride);
+        lin_input_reduce(&Ly->down, s, s->y, p, P, part_stride, 0);
 #pragma omp barrier
     } else {
         {
@@ -529,11 +548,9 @@ static void run_layer(const Plan *pl, int li, CacheLayer *C, const float *rope, 
         {
             Py_ssize_t c0, c1;
             thread_range(dff, p, P, &c0, &c1);
-            if (Ly->act == ACT_STOCHASTIC) {
-                uint64_t threshold = (uint64_t)((double)Ly->p * 4294967296.0 + 0.5);
+            if (dr != NULL) {
                 for (Py_ssize_t i = c0; i < c1; ++i)
-                    s->h[i] = stochastic_value(s->g[i], seed, (uint32_t)i, threshold, Ly->negative_only != 0.0f) *
-                              s->u[i];
+                    s->h[i] = stochastic_value(s->g[i], seed, (uint32_t)i, dr) * s->u[i];
             } else {
                 for (Py_ssize_t i = c0; i < c1; ++i) s->h[i] = act_value(Ly->act, s->g[i]) * s->u[i];
             }
@@ -609,7 +626,7 @@ static int lin_fits(const Lin *L, Py_ssize_t din, Py_ssize_t dout) {
 
 /* decode_plan((embed, embed_dtype, embed_scale, vocab, d, final_norm, head, logit_softcap, n_rope, rope_dim),
  *             (layer, ...)) with layer = (n1, n2, n3, n4, qn, kn, q, k, v, o, gate, up, down,
- *             heads, kv_heads, head_dim, act, sparse_ffn, rope, scale, softcap, p, negative_only) */
+ *             heads, kv_heads, head_dim, act, sparse_ffn, rope, scale, softcap) */
 static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
     PyObject *model, *layers;
     if (!PyArg_ParseTuple(args, "O!O!", &PyTuple_Type, &model, &PyTuple_Type, &layers)) return NULL;
@@ -642,11 +659,10 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
     for (int i = 0; i < pl->n_layers; ++i) {
         Layer *Ly = &pl->layers[i];
         PyObject *n[6], *l[7];
-        double scale, softcap, p, neg;
-        if (!PyArg_ParseTuple(PyTuple_GetItem(layers, i), "OOOOOOOOOOOOOiiiiiidddd", &n[0], &n[1], &n[2], &n[3],
+        double scale, softcap;
+        if (!PyArg_ParseTuple(PyTuple_GetItem(layers, i), "OOOOOOOOOOOOOiiiiiidd", &n[0], &n[1], &n[2], &n[3],
                               &n[4], &n[5], &l[0], &l[1], &l[2], &l[3], &l[4], &l[5], &l[6], &Ly->heads,
-                              &Ly->kv_heads, &Ly->head_dim, &Ly->act, &Ly->sparse_ffn, &Ly->rope, &scale, &softcap,
-                              &p, &neg))
+                              &Ly->kv_heads, &Ly->head_dim, &Ly->act, &Ly->sparse_ffn, &Ly->rope, &scale, &softcap))
             goto error;
         if (!parse_norm(n[0], &Ly->n1) || !parse_norm(n[1], &Ly->n2) || !parse_norm(n[2], &Ly->n3) ||
             !parse_norm(n[3], &Ly->n4) || !parse_norm(n[4], &Ly->qn) || !parse_norm(n[5], &Ly->kn) ||
@@ -656,11 +672,9 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
             goto error;
         Ly->scale = (float)scale;
         Ly->softcap = (float)softcap;
-        Ly->p = (float)p;
-        Ly->negative_only = (float)neg;
         Py_ssize_t d = pl->d, H = Ly->heads, Hk = Ly->kv_heads, hd = Ly->head_dim, dff = Ly->gate.dout;
         if (H < 1 || Hk < 1 || H % Hk || hd < 1 || hd % 2 || pl->rope_dim > hd || Ly->rope < 0 ||
-            (pl->rope_dim && Ly->rope >= pl->n_rope) || Ly->act < ACT_SILU || Ly->act > ACT_STOCHASTIC) {
+            (pl->rope_dim && Ly->rope >= pl->n_rope) || Ly->act < ACT_SILU || Ly->act > ACT_RELU2) {
             fail("heads/rope/activation");
             goto error;
         }
@@ -687,6 +701,10 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
             if (all[j]->dout > pl->max_dout) pl->max_dout = all[j]->dout;
         }
         if (dff > pl->dff) pl->dff = dff;
+        Py_ssize_t qkv = Ly->q.dout + Ly->k.dout + Ly->v.dout, gu = Ly->gate.dout + Ly->up.dout;
+        if (qkv > pl->max_group) pl->max_group = qkv;
+        if (gu > pl->max_group) pl->max_group = gu;
+        if (pl->max_dout > pl->max_group) pl->max_group = pl->max_dout;
     }
     PyObject *capsule = PyCapsule_New(pl, "hf_stochact.decode_plan", plan_free);
     if (capsule == NULL) goto error;
@@ -697,16 +715,17 @@ error:
     return NULL;
 }
 
-/* decode_step(plan, token, rope, cache, seed, logits, nthreads) -> 0, or -1 if a full-attention layer's cache
- * is full (the caller falls back). rope: pointer to float32 [n_rope, 2, rope_dim] (cos, sin per position table);
+/* decode_step(plan, token, rope, cache, seed, draws, logits, nthreads) -> 0, or -1 if a full-attention layer's
+ * cache is full (the caller falls back). draws: None, or per layer None or (P(smooth) * 2^32, negative_only,
+ * smooth activation): the layer's FFN activation is drawn per element from seed (a seed per layer derived from it). rope: pointer to float32 [n_rope, 2, rope_dim] (cos, sin per position table);
  * cache: one (k, v, dtype, cap, length_ptr, slide_len) per layer, slide_len -1 for full attention;
  * logits: float32 [vocab]. */
 static PyObject *py_decode_step(PyObject *self, PyObject *args) {
-    PyObject *capsule, *cache;
+    PyObject *capsule, *cache, *draws;
     long long token;
     unsigned long long rope, logits, seed;
     int nthreads;
-    if (!PyArg_ParseTuple(args, "OLKO!KKi", &capsule, &token, &rope, &PyTuple_Type, &cache, &seed, &logits,
+    if (!PyArg_ParseTuple(args, "OLKO!KOKi", &capsule, &token, &rope, &PyTuple_Type, &cache, &seed, &draws, &logits,
                           &nthreads))
         return NULL;
     Plan *pl = (Plan *)PyCapsule_GetPointer(capsule, "hf_stochact.decode_plan");
@@ -723,8 +742,34 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "decode_step: no rope table");
         return NULL;
     }
+    if (draws != Py_None && (!PyTuple_Check(draws) || PyTuple_Size(draws) != pl->n_layers)) {
+        PyErr_SetString(PyExc_ValueError, "decode_step: draws must be None or one entry per layer");
+        return NULL;
+    }
     CacheLayer *C = (CacheLayer *)calloc((size_t)(pl->n_layers ? pl->n_layers : 1), sizeof(CacheLayer));
-    if (C == NULL) return PyErr_NoMemory();
+    LayerDraw *D = (LayerDraw *)calloc((size_t)(pl->n_layers ? pl->n_layers : 1), sizeof(LayerDraw));
+    int *has_draw = (int *)calloc((size_t)(pl->n_layers ? pl->n_layers : 1), sizeof(int));
+    if (C == NULL || D == NULL || has_draw == NULL) {
+        free(C);
+        free(D);
+        free(has_draw);
+        return PyErr_NoMemory();
+    }
+    for (int i = 0; draws != Py_None && i < pl->n_layers; ++i) {
+        PyObject *e = PyTuple_GetItem(draws, i);
+        if (e == Py_None) continue;
+        unsigned long long thr;
+        if (!PyArg_ParseTuple(e, "Kii", &thr, &D[i].negative_only, &D[i].smooth) || thr > 0x100000000ULL ||
+            D[i].smooth < ACT_SILU || D[i].smooth > ACT_RELU2) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "decode_step: a bad draw");
+            free(C);
+            free(D);
+            free(has_draw);
+            return NULL;
+        }
+        D[i].threshold = thr;
+        has_draw[i] = 1;
+    }
     Py_ssize_t max_len = 1;
     int full = 0;
     for (int i = 0; i < pl->n_layers; ++i) {
@@ -732,6 +777,8 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
         if (!PyArg_ParseTuple(PyTuple_GetItem(cache, i), "KKinKn", &k, &v, &C[i].dtype, &C[i].cap, &len,
                               &C[i].slide_len)) {
             free(C);
+            free(D);
+            free(has_draw);
             return NULL;
         }
         C[i].k = (void *)k;
@@ -740,6 +787,8 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
         if (C[i].k == NULL || C[i].v == NULL || C[i].length == NULL || C[i].cap < 1 ||
             (C[i].dtype != 0 && C[i].dtype != 1)) {
             free(C);
+            free(D);
+            free(has_draw);
             PyErr_SetString(PyExc_ValueError, "decode_step: a bad cache entry");
             return NULL;
         }
@@ -760,6 +809,8 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     }
     if (full) {
         free(C);
+        free(D);
+        free(has_draw);
         return PyLong_FromLong(-1);
     }
     int P = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
@@ -768,7 +819,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
         Py_ssize_t qd = (Py_ssize_t)pl->layers[i].heads * pl->layers[i].head_dim;
         if (qd > hmax) hmax = qd;
     }
-    Py_ssize_t part_stride = pl->max_dout > pl->vocab ? pl->max_dout : pl->vocab;
+    Py_ssize_t part_stride = pl->max_group > pl->vocab ? pl->max_group : pl->vocab;
     Py_ssize_t dff = pl->dff > 1 ? pl->dff : 1;
     size_t floats = (size_t)(4 * d + 4 * hmax + 3 * dff + d) + (size_t)P * (size_t)max_len +
                     (size_t)P * (size_t)part_stride + (size_t)P * (size_t)pl->max_din;
@@ -776,6 +827,8 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     char *mem = (char *)malloc(floats * sizeof(float) + ints * sizeof(int32_t) + 64);
     if (mem == NULL) {
         free(C);
+        free(D);
+        free(has_draw);
         return PyErr_NoMemory();
     }
     Scratch s;
@@ -797,6 +850,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     s.idx = (int32_t *)f;
     s.ffn_idx = s.idx + (Py_ssize_t)P * pl->max_din;
     s.max_len = max_len;
+    s.max_din = pl->max_din;
     s.rope = (float *)rope;
     float *out = (float *)logits;
     Py_BEGIN_ALLOW_THREADS
@@ -812,7 +866,8 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
             uint64_t z = seed + 0x9E3779B97F4A7C15ULL * (uint64_t)(li + 1); /* a seed per layer (splitmix64) */
             z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
             z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-            run_layer(pl, li, &C[li], (const float *)rope, z ^ (z >> 31), &s, p, np, part_stride);
+            run_layer(pl, li, &C[li], (const float *)rope, z ^ (z >> 31), has_draw[li] ? &D[li] : NULL, &s, p, np,
+                      part_stride);
         }
         if (p == 0) norm_apply(&pl->final_norm, s.x, s.a, d);
 #pragma omp barrier
@@ -829,6 +884,8 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     free(mem);
     free(C);
+    free(D);
+    free(has_draw);
     return PyLong_FromLong(0);
 }
 

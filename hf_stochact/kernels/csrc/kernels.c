@@ -774,7 +774,7 @@ static PyMethodDef methods[] = {
     {"decode_plan", hf_stochact_decode_plan, METH_VARARGS,
      "decode_plan(model_spec, layer_specs) -> plan capsule (hf_stochact/kernels/native.py builds the specs)"},
     {"decode_step", hf_stochact_decode_step, METH_VARARGS,
-     "decode_step(plan, token, rope, cache, seed, logits, nthreads) -> 0, or -1 when a cache is full"},
+     "decode_step(plan, token, rope, cache, seed, draws, logits, nthreads) -> 0, or -1 when a cache is full"},
     {"has_openmp", py_has_openmp, METH_NOARGS, "whether the loops were built with OpenMP"},
     {NULL, NULL, 0, NULL},
 };
