@@ -9,7 +9,6 @@ import transformers as tf
 from helpers import tiny_llama
 from torch import nn
 
-import hf_stochact
 from hf_stochact import calibrate_thresholds, fast_decode, sparsify, unsparsify
 from hf_stochact.activations import scope
 from hf_stochact.inference.fast import decode_path, is_fast

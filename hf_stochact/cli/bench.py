@@ -58,7 +58,8 @@ class BenchConfig:
     out: str = option("", "also write the table (markdown) to this file (in an existing folder)",
                       check=output_file(create_folder=False))
     compare: bool = option(False, "with --model/--gguf: one table of decode tok/s and held-out perplexity for HF "
-                                  "eager and the native decode step (fast_decode), dense and with input thresholds at --compare-sparsities, "
+                                  "eager and the native decode step (fast_decode), dense and with input thresholds at "
+                                  "--compare-sparsities, "
                                   "float32 and bfloat16, a --relu-model, and llama.cpp on F32/F16 GGUFs written "
                                   "from the same weights (needs llama-cpp-python and --gguf)")
     compare_sparsities: str = option("0.25,0.4,0.5", "input sparsities of the --compare threshold points",

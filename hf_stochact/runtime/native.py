@@ -38,7 +38,7 @@ from ..kernels import native as kn
 DECODER_LAYOUTS: tuple[tuple[str, tuple[str | None, str | None, str | None, str | None]], ...] = (
     ("gemma2", ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm")),  # Gemma 2, Gemma 3
-    ("llama", ("input_layernorm", None, "post_attention_layernorm", None)),  # Llama, Mistral, Qwen2/3, SmolLM, Phi-3 MLP
+    ("llama", ("input_layernorm", None, "post_attention_layernorm", None)),  # Llama, Mistral, Qwen2/3, SmolLM
 )
 
 _ACT_PROBE = torch.linspace(-4.0, 4.0, 97, dtype=torch.float64)
@@ -336,7 +336,8 @@ def _build(model: nn.Module) -> _Built:
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in params})
     result = _Built(plan, layout_name or "?", "/".join(dtypes), params, [t.data_ptr() for t in params],
                     [(t, t._version) for t, _ in built["versions"]], registrations, modules, frozenset(activations),
-                    act_modules, act_kinds, [m for m in act_modules if isinstance(m, StochasticActivation)], rotary, list(layer_types) if layer_types is not None else None, rope_dim, dims)
+                    act_modules, act_kinds, [m for m in act_modules if isinstance(m, StochasticActivation)],
+                    rotary, list(layer_types) if layer_types is not None else None, rope_dim, dims)
     result.plan_bf16 = any(t.dtype == torch.bfloat16 for t in params)
     thresholded = sum(1 for spec in layer_specs for lin in spec[6:13] if lin[6] >= 0)
     sparse = sum(spec[17] for spec in layer_specs)
