@@ -62,6 +62,24 @@ def test_compare_builds_every_requested_row_with_its_perplexity(tmp_path):
     assert result["machine"]["cpu"] in table
 
 
+def test_compare_has_native_rows_and_the_bandwidth_floor(tmp_path):
+    source = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(source)
+    settings = decode_bench.CompareSettings(sparsities=(0.3,), new_tokens=3, rounds=2, llama_cpp=False, fast=True,
+                                            bf16=True, eval_chars=3000)
+    result = decode_bench.compare(str(tmp_path), source.name, settings, progress=lambda s: None)
+    rows = {r["label"]: r for r in result["rows"]}
+    assert list(rows) == ["HF eager dense fp32", "native step dense fp32", "native step + thresholds 30%",
+                          "HF eager dense bf16", "native step dense bf16", "native step + thresholds 30% bf16"]
+    assert all("NOT native" not in r["note"] for r in rows.values()), [r["note"] for r in rows.values()]
+    # bytes a token reads: every linear weight once (the tied head too); thresholds skip a share of theirs
+    dense = rows["HF eager dense fp32"]["bytes_per_token"]
+    assert rows["native step dense fp32"]["bytes_per_token"] == dense
+    assert rows["HF eager dense bf16"]["bytes_per_token"] == dense / 2
+    assert rows["native step + thresholds 30%"]["bytes_per_token"] < dense
+    assert len(result["machine"]["read_gbps_rounds"]) == 2 and "| % of floor |" in result["markdown"]
+
+
 def test_bench_compare_needs_a_model(capsys):
     from hf_stochact.cli import main
 

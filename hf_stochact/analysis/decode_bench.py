@@ -137,13 +137,17 @@ def write_float_gguf(source: Path, target: Path, dtype: str) -> Path:
 
 
 def time_variants(variants: list[Variant], prompt: list[int], new_tokens: int, rounds: int,
-                  progress: Callable[[str], None] = print) -> None:
-    """Warm every variant up, then alternate them ``rounds`` times, timing an n-token and a 1-token call each."""
+                  progress: Callable[[str], None] = print,
+                  every_round: Callable[[], None] | None = None) -> None:
+    """Warm every variant up, then alternate them ``rounds`` times, timing an n-token and a 1-token call each;
+    ``every_round`` runs once per round (e.g. a read-bandwidth probe, interleaved like the variants)."""
     for v in variants:
         progress(f"warm-up: {v.label}")
         v.tokens = v.decode(prompt, new_tokens)
         v.decode(prompt, 1)
     for r in range(rounds):
+        if every_round is not None:
+            every_round()
         for v in variants:
             for n in (new_tokens, 1):
                 t0 = time.perf_counter()
@@ -236,7 +240,7 @@ def compare(model_dir: str, gguf: str, settings: CompareSettings, progress: Call
     from ..cli.loading import load_causal_lm
     from ..inference.fast import fast_decode
     from ..inference.sparse import sparsify
-    from .machine import describe, machine_report, warn_if_busy
+    from .machine import describe, machine_report, read_bandwidth, warn_if_busy
     from .metrics import perplexity
 
     torch.set_num_threads(settings.threads)
@@ -272,7 +276,7 @@ def compare(model_dir: str, gguf: str, settings: CompareSettings, progress: Call
         nbytes = weight_bytes(m, skipped, set(th.layer_sparsity))
         note = f"input sparsity {skipped:.0%} (calibrated, {settings.allocation})"
         progress(f"thresholds {s:.0%}: perplexity {p:.3f} ({p / dense_ppl - 1:+.1%})")
-        if settings.eager_sparse:
+        if settings.eager_sparse or not settings.fast:
             variants.append(Variant(f"HF eager + thresholds {s:.0%}", "HF+hf_stochact", "fp32", hf_decoder(m, pad),
                                     p, note, bytes_per_token=nbytes))
         if settings.fast:
@@ -334,9 +338,14 @@ def compare(model_dir: str, gguf: str, settings: CompareSettings, progress: Call
                                         "the same weights (dequantized GGUF); ppl = HF dense fp32" if dtype == "f32"
                                         else "the same weights in F16",
                                         bytes_per_token=weight_bytes(model, dtype_bytes=4 if dtype == "f32" else 2)))
-    time_variants(variants, prompt, settings.new_tokens, settings.rounds, progress)
+    reads: list[float] = []
+    time_variants(variants, prompt, settings.new_tokens, settings.rounds, progress,
+                  lambda: reads.append(read_bandwidth(repeats=3)))
+    machine["read_gbps_rounds"] = [round(r, 1) for r in reads]
+    machine["read_gbps"] = round(statistics.median(reads), 1)
     after = machine_report(bandwidth=False)
-    line = describe(machine) + f"; load average after {after['load']}"
+    line = describe(machine) + (f" (median of one probe per round, {min(reads):.1f}-{max(reads):.1f}; the floor "
+                                f"column divides it by the MB a token reads); load average after {after['load']}")
     header = (f"SmolLM2-class decode, {settings.threads} threads, greedy, prompt {PROMPT!r}, {settings.new_tokens} new "
               f"tokens, decode tok/s excluding prefill, {settings.rounds} alternated rounds, medians; held-out "
               f"perplexity on the first {settings.eval_chars} characters of argparse.py (512-token windows).")

@@ -150,6 +150,79 @@ static inline float load_w(const void *w, int dtype, Py_ssize_t i) {
 DEFINE_DOT_ROWS(dot_rows_f32, float, NLOAD_F32)
 DEFINE_DOT_ROWS(dot_rows_bf16, uint16_t, NLOAD_BF16)
 
+/* bfloat16 rows with AVX-512 (x86-64 GCC/Clang, chosen at run time): a 64-byte line holds 32 weights; shifting
+ * each 32-bit lane left by 16 gives the even-indexed weights as float32, masking the low 16 bits the odd-indexed
+ * ones (both exact), which multiply x's even and odd elements (deinterleaved once per call): one load, one shift,
+ * one and, two FMAs per line. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(_MSC_VER)
+#include <immintrin.h>
+#define HAVE_DECODE_AVX512 1
+__attribute__((target("avx512f,avx512bw"))) static void dot_rows_bf16_avx512(
+    const uint16_t *W, const float *xe, const float *xo, const float *x, Py_ssize_t d, const int32_t *idx,
+    Py_ssize_t r0, Py_ssize_t r1, const float *b, float *out) {
+    const Py_ssize_t dv = d / 64 * 64;
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (Py_ssize_t j = r0; j < r1; ++j) {
+        Py_ssize_t row = idx ? idx[j] : j;
+        const uint16_t *w = W + row * d;
+        if (idx && j + 1 < r1)
+            for (Py_ssize_t c = 0; c < d; c += 32) NPREFETCH(W + (Py_ssize_t)idx[j + 1] * d + c);
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+               a3 = _mm512_setzero_ps();
+        for (Py_ssize_t c = 0; c < dv; c += 64) {
+            __m512i v0 = _mm512_loadu_si512((const void *)(w + c));
+            __m512i v1 = _mm512_loadu_si512((const void *)(w + c + 32));
+            a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)), _mm512_loadu_ps(xe + c / 2), a0);
+            a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v0, hi)), _mm512_loadu_ps(xo + c / 2), a1);
+            a2 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v1, 16)), _mm512_loadu_ps(xe + c / 2 + 16),
+                                 a2);
+            a3 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v1, hi)), _mm512_loadu_ps(xo + c / 2 + 16),
+                                 a3);
+        }
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        for (Py_ssize_t c = dv; c < d; ++c) s += nbf16(w[c]) * x[c];
+        out[j - r0] = s + (b ? b[row] : 0.0f);
+    }
+}
+
+__attribute__((target("avx512f"))) static void dot_rows_f32_avx512(const float *W, const float *x, Py_ssize_t d,
+                                                                   const int32_t *idx, Py_ssize_t r0, Py_ssize_t r1,
+                                                                   const float *b, float *out) {
+    const Py_ssize_t dv = d / 64 * 64;
+    for (Py_ssize_t j = r0; j < r1; ++j) {
+        Py_ssize_t row = idx ? idx[j] : j;
+        const float *w = W + row * d;
+        if (idx && j + 1 < r1)
+            for (Py_ssize_t c = 0; c < d; c += 16) NPREFETCH(W + (Py_ssize_t)idx[j + 1] * d + c);
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+               a3 = _mm512_setzero_ps();
+        for (Py_ssize_t c = 0; c < dv; c += 64) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c), _mm512_loadu_ps(x + c), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 16), _mm512_loadu_ps(x + c + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 32), _mm512_loadu_ps(x + c + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 48), _mm512_loadu_ps(x + c + 48), a3);
+        }
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        for (Py_ssize_t c = dv; c < d; ++c) s += w[c] * x[c];
+        out[j - r0] = s + (b ? b[row] : 0.0f);
+    }
+}
+
+static int decode_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        const char *off = getenv("HF_STOCHACT_NO_AVX512");
+        __builtin_cpu_init();
+        cached = (off == NULL || off[0] == '\0' || off[0] == '0') && __builtin_cpu_supports("avx512f") &&
+                 __builtin_cpu_supports("avx512bw");
+    }
+    return cached;
+}
+#else
+#define HAVE_DECODE_AVX512 0
+static int decode_avx512(void) { return 0; }
+#endif
+
 /* y[c] += sum_i h[i] * WT[idx[i]][c] for i < n, rows of WT [*, d]: four rows per pass */
 NMULTIVERSION static void axpy_rows_f32n(const float *WT, const float *h, const int32_t *idx, Py_ssize_t n,
                                          float *y, Py_ssize_t d) {
@@ -204,6 +277,7 @@ NMULTIVERSION static void axpy_rows_bf16n(const uint16_t *WT, const float *h, co
 typedef struct {
     float *x, *a, *q, *k, *v, *att, *o, *g, *u, *h, *y, *scores, *rope;
     float *part;     /* [P][max_dout] partial sums of input-rows layers */
+    float *xeo;      /* [P][max_din + 64] each thread's deinterleaved input (bf16 AVX-512 kernel) */
     int32_t *idx;    /* [P][max_din]: each thread's list of active input rows */
     float *val;      /* [P][max_din]: their values */
     int32_t *ffn_idx; /* [dff] the active neurons of a sparse FFN */
@@ -216,16 +290,39 @@ static inline void thread_range(Py_ssize_t n, int p, int P, Py_ssize_t *a, Py_ss
     *b = n * (p + 1) / P;
 }
 
+/* rows r0 <= j < r1 of the list (idx, or every row) of a rows-layout weight, dispatched on the CPU's instructions;
+ * xeo: this thread's scratch for the deinterleaved x of the bf16 AVX-512 kernel */
+static void dot_rows(const Lin *L, const float *x, const int32_t *idx, Py_ssize_t r0, Py_ssize_t r1, float *out,
+                     float *xeo) {
+#if HAVE_DECODE_AVX512
+    if (decode_avx512()) {
+        if (L->dtype == 0) {
+            dot_rows_f32_avx512((const float *)L->w, x, L->din, idx, r0, r1, L->b, out);
+        } else {
+            Py_ssize_t half = L->din / 2;
+            for (Py_ssize_t i = 0; i < half; ++i) {
+                xeo[i] = x[2 * i];
+                xeo[half + i] = x[2 * i + 1];
+            }
+            dot_rows_bf16_avx512((const uint16_t *)L->w, xeo, xeo + half, x, L->din, idx, r0, r1, L->b, out);
+        }
+        return;
+    }
+#endif
+    (void)xeo;
+    if (L->dtype == 0)
+        dot_rows_f32((const float *)L->w, x, L->din, idx, r0, r1, L->b, out);
+    else
+        dot_rows_bf16((const uint16_t *)L->w, x, L->din, idx, r0, r1, L->b, out);
+}
+
 /* Rows layout: this thread's share of the outputs (rows split in blocks of ROWS, no barrier). */
-static void lin_rows_part(const Lin *L, const float *x, float *y, int p, int P) {
+static void lin_rows_part(const Lin *L, const float *x, float *y, int p, int P, float *xeo) {
     Py_ssize_t blocks = (L->dout + ROWS - 1) / ROWS, b0, b1;
     thread_range(blocks, p, P, &b0, &b1);
     Py_ssize_t r0 = b0 * ROWS, r1 = b1 * ROWS < L->dout ? b1 * ROWS : L->dout;
     if (r1 <= r0) return;
-    if (L->dtype == 0)
-        dot_rows_f32((const float *)L->w, x, L->din, NULL, r0, r1, L->b, y + r0);
-    else
-        dot_rows_bf16((const uint16_t *)L->w, x, L->din, NULL, r0, r1, L->b, y + r0);
+    dot_rows(L, x, NULL, r0, r1, y + r0, xeo);
 }
 
 /* Input-rows layout, phase 1: every thread lists the active inputs (the same list in each thread: a scan of din
@@ -277,7 +374,7 @@ static void lin_run(const Lin *const *Ls, const float *x, float *const *ys, int 
     Py_ssize_t off = 0;
     for (int i = 0; i < n; ++i) {
         if (Ls[i]->layout == LAYOUT_ROWS) {
-            lin_rows_part(Ls[i], x, ys[i], p, P);
+            lin_rows_part(Ls[i], x, ys[i], p, P, s->xeo + (Py_ssize_t)p * (s->max_din + 64));
         } else {
             lin_input_part(Ls[i], x, s, p, P, part_stride, off);
             off += Ls[i]->dout;
@@ -518,10 +615,7 @@ static void run_layer(const Plan *pl, int li, CacheLayer *C, const float *rope, 
         Py_ssize_t k = s->ffn_k, a0, a1;
         thread_range(k, p, P, &a0, &a1);
         if (a1 > a0) {
-            if (Ly->up.dtype == 0)
-                dot_rows_f32((const float *)Ly->up.w, s->a, d, s->ffn_idx, a0, a1, Ly->up.b, s->h + a0);
-            else
-                dot_rows_bf16((const uint16_t *)Ly->up.w, s->a, d, s->ffn_idx, a0, a1, Ly->up.b, s->h + a0);
+            dot_rows(&Ly->up, s->a, s->ffn_idx, a0, a1, s->h + a0, s->xeo + (Py_ssize_t)p * (s->max_din + 64));
             for (Py_ssize_t j = a0; j < a1; ++j) s->h[j] *= s->g[j];
         }
 #pragma omp barrier
@@ -822,7 +916,8 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     Py_ssize_t part_stride = pl->max_group > pl->vocab ? pl->max_group : pl->vocab;
     Py_ssize_t dff = pl->dff > 1 ? pl->dff : 1;
     size_t floats = (size_t)(4 * d + 4 * hmax + 3 * dff + d) + (size_t)P * (size_t)max_len +
-                    (size_t)P * (size_t)part_stride + (size_t)P * (size_t)pl->max_din;
+                    (size_t)P * (size_t)part_stride + (size_t)P * (size_t)pl->max_din +
+                    (size_t)P * (size_t)(pl->max_din + 64);
     size_t ints = (size_t)P * (size_t)pl->max_din + (size_t)dff;
     char *mem = (char *)malloc(floats * sizeof(float) + ints * sizeof(int32_t) + 64);
     if (mem == NULL) {
@@ -847,6 +942,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     s.scores = f; f += (Py_ssize_t)P * max_len;
     s.part = f; f += (Py_ssize_t)P * part_stride;
     s.val = f; f += (Py_ssize_t)P * pl->max_din;
+    s.xeo = f; f += (Py_ssize_t)P * (pl->max_din + 64);
     s.idx = (int32_t *)f;
     s.ffn_idx = s.idx + (Py_ssize_t)P * pl->max_din;
     s.max_len = max_len;
@@ -871,7 +967,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
         }
         if (p == 0) norm_apply(&pl->final_norm, s.x, s.a, d);
 #pragma omp barrier
-        lin_rows_part(&pl->head, s.a, out, p, np);
+        lin_rows_part(&pl->head, s.a, out, p, np, s.xeo + (Py_ssize_t)p * (s.max_din + 64));
 #pragma omp barrier
         if (pl->logit_softcap > 0.0f) {
             Py_ssize_t c0, c1;
