@@ -157,6 +157,11 @@ DEFINE_DOT_ROWS(dot_rows_bf16, uint16_t, NLOAD_BF16)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(_MSC_VER)
 #include <immintrin.h>
 #define HAVE_DECODE_AVX512 1
+#ifndef PF_BYTES
+#define PF_BYTES 1024 /* software prefetch distance of the dot products (a row's continuation or the next row) */
+#endif
+#define PF_F32 (PF_BYTES / 4)
+#define PF_BF16 (PF_BYTES / 2)
 __attribute__((target("avx512f,avx512bw"))) static void dot_rows_bf16_avx512(
     const uint16_t *W, const float *xe, const float *xo, const float *x, Py_ssize_t d, const int32_t *idx,
     Py_ssize_t r0, Py_ssize_t r1, const float *b, float *out) {
@@ -170,6 +175,8 @@ __attribute__((target("avx512f,avx512bw"))) static void dot_rows_bf16_avx512(
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
                a3 = _mm512_setzero_ps();
         for (Py_ssize_t c = 0; c < dv; c += 64) {
+            NPREFETCH(w + c + PF_BF16);
+            NPREFETCH(w + c + PF_BF16 + 32);
             __m512i v0 = _mm512_loadu_si512((const void *)(w + c));
             __m512i v1 = _mm512_loadu_si512((const void *)(w + c + 32));
             a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)), _mm512_loadu_ps(xe + c / 2), a0);
@@ -197,6 +204,10 @@ __attribute__((target("avx512f"))) static void dot_rows_f32_avx512(const float *
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
                a3 = _mm512_setzero_ps();
         for (Py_ssize_t c = 0; c < dv; c += 64) {
+            NPREFETCH(w + c + PF_F32);
+            NPREFETCH(w + c + PF_F32 + 16);
+            NPREFETCH(w + c + PF_F32 + 32);
+            NPREFETCH(w + c + PF_F32 + 48);
             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c), _mm512_loadu_ps(x + c), a0);
             a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 16), _mm512_loadu_ps(x + c + 16), a1);
             a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 32), _mm512_loadu_ps(x + c + 32), a2);
@@ -207,6 +218,53 @@ __attribute__((target("avx512f"))) static void dot_rows_f32_avx512(const float *
         out[j - r0] = s + (b ? b[row] : 0.0f);
     }
 }
+
+/* y[c] += sum_i h[i] * WT[idx[i]][c]: eight rows per pass (one load and store of y per eight weight rows), the next
+ * eight rows prefetched; bfloat16 rows widened in registers (exact) */
+#define DEFINE_AXPY8(NAME, TYPE, LOAD16, ROWBYTES_LINE)                                                            \
+    __attribute__((target("avx512f,avx512bw"))) static void NAME(const TYPE *WT, const float *h, const int32_t *idx, \
+                                                                 Py_ssize_t n, float *y, Py_ssize_t d) {          \
+        const Py_ssize_t dv = d / 16 * 16;                                                                       \
+        for (Py_ssize_t g = 0; g < n; g += 8) {                                                                  \
+            const TYPE *r[8];                                                                                    \
+            float hv[8];                                                                                         \
+            for (int k = 0; k < 8; ++k) {                                                                        \
+                int on = g + k < n;                                                                              \
+                r[k] = WT + (Py_ssize_t)idx[on ? g + k : g] * d;                                                 \
+                hv[k] = on ? h[g + k] : 0.0f;                                                                    \
+            }                                                                                                    \
+            if (g + 8 < n)                                                                                       \
+                for (int k = 0; k < 8 && g + 8 + k < n; ++k)                                                     \
+                    for (Py_ssize_t c = 0; c < d; c += ROWBYTES_LINE) NPREFETCH(WT + (Py_ssize_t)idx[g + 8 + k] * d + c); \
+            __m512 h0 = _mm512_set1_ps(hv[0]), h1 = _mm512_set1_ps(hv[1]), h2 = _mm512_set1_ps(hv[2]),            \
+                   h3 = _mm512_set1_ps(hv[3]), h4 = _mm512_set1_ps(hv[4]), h5 = _mm512_set1_ps(hv[5]),            \
+                   h6 = _mm512_set1_ps(hv[6]), h7 = _mm512_set1_ps(hv[7]);                                        \
+            for (Py_ssize_t c = 0; c < dv; c += 16) {                                                            \
+                __m512 a = _mm512_fmadd_ps(h0, LOAD16(r[0] + c), _mm512_loadu_ps(y + c));                        \
+                __m512 b = _mm512_mul_ps(h1, LOAD16(r[1] + c));                                                  \
+                a = _mm512_fmadd_ps(h2, LOAD16(r[2] + c), a);                                                    \
+                b = _mm512_fmadd_ps(h3, LOAD16(r[3] + c), b);                                                    \
+                a = _mm512_fmadd_ps(h4, LOAD16(r[4] + c), a);                                                    \
+                b = _mm512_fmadd_ps(h5, LOAD16(r[5] + c), b);                                                    \
+                a = _mm512_fmadd_ps(h6, LOAD16(r[6] + c), a);                                                    \
+                b = _mm512_fmadd_ps(h7, LOAD16(r[7] + c), b);                                                    \
+                _mm512_storeu_ps(y + c, _mm512_add_ps(a, b));                                                    \
+            }                                                                                                    \
+            for (Py_ssize_t c = dv; c < d; ++c) {                                                                \
+                float acc = y[c];                                                                                \
+                for (int k = 0; k < 8; ++k) acc += hv[k] * (float)LOADS(TYPE, r[k], c);                          \
+                y[c] = acc;                                                                                      \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+#define LOADS(TYPE, p, c) (sizeof(TYPE) == 4 ? ((const float *)(const void *)(p))[c] : nbf16(((const uint16_t *)(const void *)(p))[c]))
+
+__attribute__((target("avx512f,avx512bw"))) static inline __m512 ld16_f32(const float *p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f,avx512bw"))) static inline __m512 ld16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+DEFINE_AXPY8(axpy8_f32, float, ld16_f32, 16)
+DEFINE_AXPY8(axpy8_bf16, uint16_t, ld16_bf16, 32)
 
 static int decode_avx512(void) {
     static int cached = -1;
@@ -316,6 +374,23 @@ static void dot_rows(const Lin *L, const float *x, const int32_t *idx, Py_ssize_
         dot_rows_bf16((const uint16_t *)L->w, x, L->din, idx, r0, r1, L->b, out);
 }
 
+/* y += h[i] * row idx[i] of an input-rows weight, for i < n, dispatched on the CPU's instructions */
+static void axpy_rows(const Lin *L, const float *h, const int32_t *idx, Py_ssize_t n, float *y) {
+#if HAVE_DECODE_AVX512
+    if (decode_avx512()) {
+        if (L->dtype == 0)
+            axpy8_f32((const float *)L->w, h, idx, n, y, L->dout);
+        else
+            axpy8_bf16((const uint16_t *)L->w, h, idx, n, y, L->dout);
+        return;
+    }
+#endif
+    if (L->dtype == 0)
+        axpy_rows_f32n((const float *)L->w, h, idx, n, y, L->dout);
+    else
+        axpy_rows_bf16n((const uint16_t *)L->w, h, idx, n, y, L->dout);
+}
+
 /* Rows layout: this thread's share of the outputs (rows split in blocks of ROWS, no barrier). */
 static void lin_rows_part(const Lin *L, const float *x, float *y, int p, int P, float *xeo) {
     Py_ssize_t blocks = (L->dout + ROWS - 1) / ROWS, b0, b1;
@@ -346,12 +421,7 @@ static void lin_input_part(const Lin *L, const float *x, Scratch *s, int p, int 
     thread_range(n, p, P, &a, &b);
     float *part = s->part + (Py_ssize_t)p * part_stride + part_off;
     memset(part, 0, (size_t)L->dout * sizeof(float));
-    if (b > a) {
-        if (L->dtype == 0)
-            axpy_rows_f32n((const float *)L->w, val + a, idx + a, b - a, part, L->dout);
-        else
-            axpy_rows_bf16n((const uint16_t *)L->w, val + a, idx + a, b - a, part, L->dout);
-    }
+    if (b > a) axpy_rows(L, val + a, idx + a, b - a, part);
 }
 
 /* Input-rows layout, phase 2 (after a barrier): this thread's columns of y = bias + sum of the partials. */
@@ -623,12 +693,7 @@ static void run_layer(const Plan *pl, int li, CacheLayer *C, const float *rope, 
         {
             float *part = s->part + (Py_ssize_t)p * part_stride;
             memset(part, 0, (size_t)d * sizeof(float));
-            if (a1 > a0) {
-                if (Ly->down.dtype == 0)
-                    axpy_rows_f32n((const float *)Ly->down.w, s->h + a0, s->ffn_idx + a0, a1 - a0, part, d);
-                else
-                    axpy_rows_bf16n((const uint16_t *)Ly->down.w, s->h + a0, s->ffn_idx + a0, a1 - a0, part, d);
-            }
+            if (a1 > a0) axpy_rows(&Ly->down, s->h + a0, s->ffn_idx + a0, a1 - a0, part);
         }
 #pragma omp barrier
         lin_input_reduce(&Ly->down, s, s->y, p, P, part_stride, 0);
