@@ -295,3 +295,37 @@ def test_copies_and_pickles_of_a_fast_model():
     restored = pickle.loads(pickle.dumps(model))  # pickled as the original class: set up again with fast_decode
     assert type(restored) is FAMILIES["llama"][0] and native.runner_of(restored) is None
     assert torch.equal(greedy(restored, ids, 8), eager)
+
+
+@pytest.mark.parametrize("rotate", ["pca", "pca-all"])
+def test_rotated_thresholds_run_natively(rotate):
+    model = family("llama")
+    calib = torch.randint(3, 211, (4, 48), generator=torch.Generator().manual_seed(5))
+    calibrate_thresholds(model, calib, 0.4, allocation="uniform", rotate=rotate)
+    sparsify(model, max_density=1.0)
+    ids = prompt()
+    eager = greedy(model, ids, 16)
+    fast_decode(model)
+    built = native.runner_of(model).built
+    assert built is not None and "rotated" in built.summary, decode_path(model)
+    assert torch.equal(greedy(model, ids, 16), eager)
+    assert native.runner_of(model).counts["native"] == 15
+
+
+def test_new_thresholds_after_fast_decode_rebuild_the_plan():
+    model = family("llama")
+    calib = torch.randint(3, 211, (4, 48), generator=torch.Generator().manual_seed(5))
+    first = calibrate_thresholds(model, calib, 0.3, allocation="uniform")
+    sparsify(model)
+    fast_decode(model)
+    ids = prompt()
+    greedy(model, ids, 4)
+    before = native.runner_of(model).built
+    second = calibrate_thresholds(family("llama"), calib, 0.6, allocation="uniform")
+    sparsify(model, thresholds=second)  # the same wrappers, new thresholds
+    out = greedy(model, ids, 12)
+    assert native.runner_of(model).built is not before
+    reference = family("llama")
+    sparsify(reference, thresholds=second)
+    assert torch.equal(out, greedy(reference, ids, 12))
+    del first

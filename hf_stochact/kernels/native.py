@@ -42,9 +42,16 @@ class Keep:
 
 
 def linear_spec(keep: Keep, weight: torch.Tensor, bias: torch.Tensor | None, layout: int, d_in: int, d_out: int,
-                threshold: float = -1.0) -> tuple:
+                threshold: float = -1.0, rotation: torch.Tensor | None = None) -> tuple:
     """A linear layer: ``weight`` [d_out, d_in] (``ROWS``) or [d_in, d_out] (``INPUT_ROWS``: inputs with
-    ``|x| <= threshold`` skipped, ``threshold < 0``: only exact zeros), contiguous. Raises ValueError otherwise."""
+    ``|x| <= threshold`` skipped, ``threshold < 0``: only exact zeros), contiguous; ``rotation`` R [d_in, d_in]
+    float32: the layer reads ``x R``. Raises ValueError otherwise."""
+    rot = 0
+    if rotation is not None:
+        if rotation.dtype != torch.float32 or tuple(rotation.shape) != (d_in, d_in) or not readable(rotation):
+            raise ValueError(f"rotation {tuple(rotation.shape)} {rotation.dtype} is not a contiguous float32 "
+                             f"[{d_in}, {d_in}] matrix")
+        rot = keep.ptr(rotation)
     shape = (d_out, d_in) if layout == ROWS else (d_in, d_out)
     if not readable(weight) or tuple(weight.shape) != shape:
         raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} is not a contiguous CPU float32/bfloat16 "
@@ -56,7 +63,7 @@ def linear_spec(keep: Keep, weight: torch.Tensor, bias: torch.Tensor | None, lay
         b = bias.detach().to(torch.float32).contiguous()  # itself when float32 (in-place updates reach the step);
         # a bfloat16 bias is read through this copy, which the runtime's fingerprint re-checks by the bias' version
     return (keep.ptr(weight), 0 if b is None else keep.ptr(b), _DTYPES[weight.dtype], layout, d_in, d_out,
-            float(threshold))
+            float(threshold), rot)
 
 
 def norm_spec(keep: Keep, weight: torch.Tensor, kind: int, eps: float) -> tuple:

@@ -80,6 +80,9 @@ def kernels_rank_salt() -> int:
     return kernels._rank_salt()
 
 
+_DATA_PTR = torch.Tensor.data_ptr
+
+
 class Unsupported(ValueError):
     """The native step cannot run this model (the message says why)."""
 
@@ -91,7 +94,7 @@ class _Built:
     dtype: str
     params: list[torch.Tensor]  # every parameter read (pointers re-checked per step)
     ptrs: list[int]
-    versions: list[tuple[torch.Tensor, int]]  # converted biases: their version at build
+    versions: list[tuple[torch.Tensor, int]]  # converted biases and rotations: their version at build
     registrations: int
     modules: list[nn.Module]  # hooks checked when a generate call starts
     activations: frozenset[int]  # ids of the FFN activation modules (stochastic decoding)
@@ -102,6 +105,7 @@ class _Built:
     layer_types: list[str] | None
     rope_dim: int
     dims: list[tuple[int, int, int | None]] = dataclasses.field(default_factory=list)
+    thresholded: list[tuple[nn.Module, float, torch.Tensor | None]] = dataclasses.field(default_factory=list)
     rope_table: torch.Tensor | None = None
     summary: str = ""
     check_error: float = float("nan")
@@ -150,12 +154,15 @@ def _linear(keep: kn.Keep, layer: nn.Module, d_in: int, d_out: int, what: str, b
     or sparsify's thresholded layer (input rows, its threshold)."""
     from ..inference.sparse import ThresholdedLinear
 
-    threshold = -1.0
+    threshold, rotation = -1.0, None
     if isinstance(layer, ThresholdedLinear):
-        if layer.rotation is not None:
-            raise Unsupported(f"{what} has a rotated threshold (rotate=...): not in the native step yet")
-        threshold = layer.threshold
+        threshold, rotation = layer.threshold, layer.rotation
+        built["thresholded"].append((layer, threshold, rotation))
         layer = layer.original
+        if rotation is not None:
+            if rotation.device.type != "cpu":
+                raise Unsupported(f"{what}'s rotation is not on the CPU")
+            built["versions"].append((rotation, rotation._version))
     if type(layer) is not nn.Linear:
         raise Unsupported(f"{what} is a {type(layer).__name__}, not a plain nn.Linear (an adapter or quantized "
                           "layer runs in the model's own forward)")
@@ -176,11 +183,11 @@ def _linear(keep: kn.Keep, layer: nn.Module, d_in: int, d_out: int, what: str, b
         if w_t is None:
             raise Unsupported(f"{what}'s thresholded weight is not in the rows layout")
         try:
-            return kn.linear_spec(keep, w_t, bias, kn.INPUT_ROWS, d_in, d_out, threshold)
+            return kn.linear_spec(keep, w_t, bias, kn.INPUT_ROWS, d_in, d_out, threshold, rotation)
         except ValueError as error:
             raise Unsupported(f"{what}: {error}") from error
     try:
-        return kn.linear_spec(keep, weight, bias, kn.ROWS, d_in, d_out)
+        return kn.linear_spec(keep, weight, bias, kn.ROWS, d_in, d_out, rotation=rotation)
     except ValueError as error:
         raise Unsupported(f"{what}: {error}") from error
 
@@ -246,7 +253,7 @@ def _build(model: nn.Module) -> _Built:
     head = _head(model)
     mlps = {id(m.module): m for m in find_mlps(model, need="pre+down")}
     keep = kn.Keep()
-    built: dict[str, list] = {"params": [weight], "versions": []}
+    built: dict[str, list] = {"params": [weight], "versions": [], "thresholded": []}
     modules: list[nn.Module] = [model, decoder, embed, final_norm, head]
     activations: set[int] = set()
     act_modules: list[nn.Module] = []
@@ -339,10 +346,13 @@ def _build(model: nn.Module) -> _Built:
                     act_modules, act_kinds, [m for m in act_modules if isinstance(m, StochasticActivation)],
                     rotary, list(layer_types) if layer_types is not None else None, rope_dim, dims)
     result.plan_bf16 = any(t.dtype == torch.bfloat16 for t in params)
+    result.thresholded = built["thresholded"]
     thresholded = sum(1 for spec in layer_specs for lin in spec[6:13] if lin[6] >= 0)
+    rotated = sum(1 for spec in layer_specs for lin in spec[6:13] if lin[7])
     sparse = sum(spec[17] for spec in layer_specs)
     result.summary = (f"native decode step ({result.layout} layout, {len(layer_specs)} layers, {result.dtype} "
                       f"weights{f', {thresholded} thresholded layers' if thresholded else ''}"
+                      f"{f' ({rotated} rotated)' if rotated else ''}"
                       f"{f', {sparse} exact sparse ReLU FFNs' if sparse else ''})")
     if result.plan_bf16:
         _structure_check(model)
@@ -622,8 +632,9 @@ class NativeDecoder:
 
     @staticmethod
     def _current(built: _Built) -> bool:
-        return (_REGISTRATIONS[0] == built.registrations and [t.data_ptr() for t in built.params] == built.ptrs
-                and all(t._version == v for t, v in built.versions))
+        return (_REGISTRATIONS[0] == built.registrations and list(map(_DATA_PTR, built.params)) == built.ptrs
+                and all(t._version == v for t, v in built.versions)
+                and all(m.threshold == t and m.rotation is r for m, t, r in built.thresholded))
 
     def describe(self) -> str:
         if self.built is not None:

@@ -66,6 +66,7 @@ typedef struct {
     int layout;      /* LAYOUT_ROWS [dout, din] or LAYOUT_INPUT_ROWS [din, dout] */
     Py_ssize_t din, dout;
     float thr;       /* input rows: inputs with |x| <= thr skipped; thr < 0: every input row read */
+    const float *rot; /* NULL, or R [din, din] float32: the layer reads x R (rotated thresholds) */
 } Lin;
 
 typedef struct {
@@ -336,6 +337,7 @@ typedef struct {
     float *x, *a, *q, *k, *v, *att, *o, *g, *u, *h, *y, *scores, *rope;
     float *part;     /* [P][max_dout] partial sums of input-rows layers */
     float *xeo;      /* [P][max_din + 64] each thread's deinterleaved input (bf16 AVX-512 kernel) */
+    float *xr;       /* [3][max_din]: a group's rotated inputs */
     int32_t *idx;    /* [P][max_din]: each thread's list of active input rows */
     float *val;      /* [P][max_din]: their values */
     int32_t *ffn_idx; /* [dff] the active neurons of a sparse FFN */
@@ -441,12 +443,46 @@ static void lin_input_reduce(const Lin *L, const Scratch *s, float *y, int p, in
  * the whole group costs two barriers at most. */
 static void lin_run(const Lin *const *Ls, const float *x, float *const *ys, int n, Scratch *s, int p, int P,
                     Py_ssize_t part_stride) {
+    /* rotated inputs first: x R once per distinct R of the group (an input-rows product over R's rows) */
+    const float *xin[4] = {x, x, x, x};
+    const float *rots[4] = {NULL, NULL, NULL, NULL};
+    int nrot = 0;
+    for (int i = 0; i < n; ++i) {
+        if (Ls[i]->rot == NULL) continue;
+        int k = 0;
+        while (k < nrot && rots[k] != Ls[i]->rot) ++k;
+        if (k == nrot) rots[nrot++] = Ls[i]->rot;
+        xin[i] = s->xr + (Py_ssize_t)k * s->max_din;
+    }
+    if (nrot > 0) {
+        Lin R[4];
+        Py_ssize_t off = 0;
+        for (int k = 0; k < nrot; ++k) {
+            const Lin *owner = NULL;
+            for (int i = 0; i < n && owner == NULL; ++i)
+                if (Ls[i]->rot == rots[k]) owner = Ls[i];
+            memset(&R[k], 0, sizeof(Lin));
+            R[k].w = rots[k];
+            R[k].layout = LAYOUT_INPUT_ROWS;
+            R[k].din = R[k].dout = owner->din;
+            R[k].thr = -1.0f;
+            lin_input_part(&R[k], x, s, p, P, part_stride, off);
+            off += R[k].dout;
+        }
+#pragma omp barrier
+        off = 0;
+        for (int k = 0; k < nrot; ++k) {
+            lin_input_reduce(&R[k], s, s->xr + (Py_ssize_t)k * s->max_din, p, P, part_stride, off);
+            off += R[k].dout;
+        }
+#pragma omp barrier
+    }
     Py_ssize_t off = 0;
     for (int i = 0; i < n; ++i) {
         if (Ls[i]->layout == LAYOUT_ROWS) {
-            lin_rows_part(Ls[i], x, ys[i], p, P, s->xeo + (Py_ssize_t)p * (s->max_din + 64));
+            lin_rows_part(Ls[i], xin[i], ys[i], p, P, s->xeo + (Py_ssize_t)p * (s->max_din + 64));
         } else {
-            lin_input_part(Ls[i], x, s, p, P, part_stride, off);
+            lin_input_part(Ls[i], xin[i], s, p, P, part_stride, off);
             off += Ls[i]->dout;
         }
     }
@@ -739,16 +775,17 @@ static void plan_free(PyObject *capsule) {
  * Python entry points */
 
 static int parse_lin(PyObject *t, Lin *L) {
-    unsigned long long w = 0, b = 0;
+    unsigned long long w = 0, b = 0, rot = 0;
     double thr = -1.0;
     if (t == Py_None) {
         memset(L, 0, sizeof(*L));
         return 1;
     }
-    if (!PyArg_ParseTuple(t, "KKiinnd", &w, &b, &L->dtype, &L->layout, &L->din, &L->dout, &thr)) return 0;
+    if (!PyArg_ParseTuple(t, "KKiinndK", &w, &b, &L->dtype, &L->layout, &L->din, &L->dout, &thr, &rot)) return 0;
     L->w = (const void *)w;
     L->b = (const float *)b;
     L->thr = (float)thr;
+    L->rot = (const float *)rot;
     if (L->w == NULL || L->din < 1 || L->dout < 1 || (L->dtype != 0 && L->dtype != 1) ||
         (L->layout != LAYOUT_ROWS && L->layout != LAYOUT_INPUT_ROWS)) {
         PyErr_SetString(PyExc_ValueError, "decode_plan: a bad linear spec");
@@ -864,7 +901,9 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
         if (qkv > pl->max_group) pl->max_group = qkv;
         if (gu > pl->max_group) pl->max_group = gu;
         if (pl->max_dout > pl->max_group) pl->max_group = pl->max_dout;
+
     }
+    if (3 * pl->max_din > pl->max_group) pl->max_group = 3 * pl->max_din; /* up to three rotations of one input */
     PyObject *capsule = PyCapsule_New(pl, "hf_stochact.decode_plan", plan_free);
     if (capsule == NULL) goto error;
     return capsule;
@@ -982,7 +1021,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     Py_ssize_t dff = pl->dff > 1 ? pl->dff : 1;
     size_t floats = (size_t)(4 * d + 4 * hmax + 3 * dff + d) + (size_t)P * (size_t)max_len +
                     (size_t)P * (size_t)part_stride + (size_t)P * (size_t)pl->max_din +
-                    (size_t)P * (size_t)(pl->max_din + 64);
+                    (size_t)P * (size_t)(pl->max_din + 64) + 4 * (size_t)pl->max_din;
     size_t ints = (size_t)P * (size_t)pl->max_din + (size_t)dff;
     char *mem = (char *)malloc(floats * sizeof(float) + ints * sizeof(int32_t) + 64);
     if (mem == NULL) {
@@ -1008,6 +1047,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     s.part = f; f += (Py_ssize_t)P * part_stride;
     s.val = f; f += (Py_ssize_t)P * pl->max_din;
     s.xeo = f; f += (Py_ssize_t)P * (pl->max_din + 64);
+    s.xr = f; f += 4 * pl->max_din;
     s.idx = (int32_t *)f;
     s.ffn_idx = s.idx + (Py_ssize_t)P * pl->max_din;
     s.max_len = max_len;
