@@ -25,13 +25,15 @@ def thresholded(act="silu", sparsity=0.4, allocation="greedy", **kwargs):
     return model
 
 
-def decode(model, prompt, steps=6):
-    """Greedy decode by hand (prefill, then one token per call): the last logits of every step."""
+def decode(model, prompt, steps=6, tokens=None):
+    """Greedy decode by hand (prefill, then one token per call): the last logits of every step. With ``tokens``
+    (a [1, steps] tensor), those tokens are fed instead of each step's argmax: paths whose logits differ in the last
+    bit (bfloat16 on another CPU's kernels) are then compared on the same inputs, not on a tie broken differently."""
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
         past, logits, ids = out.past_key_values, [out.logits[:, -1]], prompt
-        for _ in range(steps):
-            nxt = logits[-1].argmax(-1, keepdim=True)
+        for i in range(steps):
+            nxt = logits[-1].argmax(-1, keepdim=True) if tokens is None else tokens[:, i:i + 1]
             ids = torch.cat([ids, nxt], 1)
             out = model(input_ids=nxt, past_key_values=past, use_cache=True)
             past = out.past_key_values
@@ -57,12 +59,13 @@ def test_grouped_decode_equals_per_layer_decode_and_the_torch_reference(dtype):
     assert len(groups) == 4
     prompt = calib(1, 5, seed=3)
     grouped = decode(model, prompt)
+    tokens = grouped[:-1].argmax(-1).reshape(1, -1)  # the grouped path's greedy tokens, fed to the other paths
     with kernels.torch_only():
-        reference_logits = decode(model, prompt)
+        reference_logits = decode(model, prompt, tokens=tokens)
     for m in model.modules():
         if isinstance(m, ThresholdedLinear):
             m.group = None
-    single = decode(model, prompt)
+    single = decode(model, prompt, tokens=tokens)
     if dtype == torch.float32:  # the same loop per member: bit for bit
         assert torch.equal(grouped, single)
         torch.testing.assert_close(grouped, reference_logits, rtol=1e-5, atol=1e-5)

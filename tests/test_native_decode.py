@@ -329,3 +329,30 @@ def test_new_thresholds_after_fast_decode_rebuild_the_plan():
     sparsify(reference, thresholds=second)
     assert torch.equal(out, greedy(reference, ids, 12))
     del first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["mistral", "mistral-no-window", "gemma2", "gemma3", "qwen3"])
+def test_thresholded_sliding_window_families_decode_natively(name, dtype):
+    """fp32: eager's tokens. bf16: the model's forward rounds activations to bfloat16 where the step keeps float32,
+    so an input at its threshold can land on the other side and a near tie can flip a token: every step's logits are
+    compared with the forward's on the same sequence instead."""
+    model = family(name, dtype)
+    calib = torch.randint(3, 211, (4, 48), generator=torch.Generator().manual_seed(5))
+    calibrate_thresholds(model, calib, 0.3, allocation="uniform")
+    sparsify(model, max_density=1.0)
+    ids = prompt()
+    eager = greedy(model, ids)
+    fast_decode(model)
+    assert native.runner_of(model).built is not None, decode_path(model)
+    if dtype == torch.float32:
+        assert torch.equal(greedy(model, ids), eager)
+    else:
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+        with torch.no_grad():
+            full = native.model_forward(model, input_ids=out.sequences, use_cache=False).logits[0].float()
+        for i, step in enumerate(out.logits[1:], start=1):
+            ref = full[ids.shape[1] + i - 1]
+            assert (step[0].float() - ref).norm() / ref.norm() < 0.2, i  # bf16 alone: up to 0.09 on SmolLM2
+    assert native.runner_of(model).counts["native"] == (31 if dtype == torch.float32 else 15)

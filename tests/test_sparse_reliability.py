@@ -154,8 +154,13 @@ def test_resparsify_applies_new_thresholds_and_settings_and_saves_what_runs(tmp_
     fresh = copy.deepcopy(model)
     sparsify(model)
     new = calibrate_thresholds(model, calib(seed=1), sparsity=0.5, allocation="uniform")
-    # calibrating a sparsified model measures the dense inputs: the same thresholds as on the dense model
-    assert new == calibrate_thresholds(fresh, calib(seed=1), sparsity=0.5, allocation="uniform", save=False)
+    # calibrating a sparsified model measures the dense inputs: the same thresholds as on the dense model (up to the
+    # last bit: the dense path reads W_down through the rows layout's transposed view, which MKL may sum in another
+    # order than the contiguous weight on some CPUs)
+    other = calibrate_thresholds(fresh, calib(seed=1), sparsity=0.5, allocation="uniform", save=False)
+    assert new.values == pytest.approx(other.values, rel=1e-5, abs=1e-7)
+    assert new.layer_sparsity == pytest.approx(other.layer_sparsity, abs=0.02)
+    assert (new.sparsity, new.allocation, new.groups) == (other.sparsity, other.allocation, other.groups)
     fewer = Thresholds({p: t for p, t in new.values.items() if "layers.0" in p}, new.sparsity, new.allocation)
     sparsify(model, thresholds=fewer, max_tokens=8)
     wrappers = {p: m for p, m in model.named_modules() if isinstance(m, ThresholdedLinear)}
