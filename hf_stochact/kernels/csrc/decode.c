@@ -234,13 +234,16 @@ __attribute__((target("avx512f"))) static void dot_rows_f32_avx512(const float *
                 r[k] = WT + (Py_ssize_t)idx[on ? g + k : g] * d;                                                 \
                 hv[k] = on ? h[g + k] : 0.0f;                                                                    \
             }                                                                                                    \
-            if (g + 8 < n)                                                                                       \
-                for (int k = 0; k < 8 && g + 8 + k < n; ++k)                                                     \
-                    for (Py_ssize_t c = 0; c < d; c += ROWBYTES_LINE) NPREFETCH(WT + (Py_ssize_t)idx[g + 8 + k] * d + c); \
+            const TYPE *nx[8]; /* the next pass's rows, prefetched line by line as this pass reads its lines */ \
+            int pf = g + 8 < n;                                                                                  \
+            for (int k = 0; k < 8; ++k)                                                                          \
+                nx[k] = WT + (Py_ssize_t)idx[pf && g + 8 + k < n ? g + 8 + k : (pf ? g + 8 : g)] * d;            \
             __m512 h0 = _mm512_set1_ps(hv[0]), h1 = _mm512_set1_ps(hv[1]), h2 = _mm512_set1_ps(hv[2]),            \
                    h3 = _mm512_set1_ps(hv[3]), h4 = _mm512_set1_ps(hv[4]), h5 = _mm512_set1_ps(hv[5]),            \
                    h6 = _mm512_set1_ps(hv[6]), h7 = _mm512_set1_ps(hv[7]);                                        \
             for (Py_ssize_t c = 0; c < dv; c += 16) {                                                            \
+                if (pf && c % ROWBYTES_LINE == 0)                                                                \
+                    for (int k = 0; k < 8; ++k) NPREFETCH(nx[k] + c);                                            \
                 __m512 a = _mm512_fmadd_ps(h0, LOAD16(r[0] + c), _mm512_loadu_ps(y + c));                        \
                 __m512 b = _mm512_mul_ps(h1, LOAD16(r[1] + c));                                                  \
                 a = _mm512_fmadd_ps(h2, LOAD16(r[2] + c), a);                                                    \
