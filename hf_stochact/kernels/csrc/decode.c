@@ -264,11 +264,48 @@ __attribute__((target("avx512f"))) static void dot_rows_f32_avx512(const float *
 #define LOADS(TYPE, p, c) (sizeof(TYPE) == 4 ? ((const float *)(const void *)(p))[c] : nbf16(((const uint16_t *)(const void *)(p))[c]))
 
 __attribute__((target("avx512f,avx512bw"))) static inline __m512 ld16_f32(const float *p) { return _mm512_loadu_ps(p); }
-__attribute__((target("avx512f,avx512bw"))) static inline __m512 ld16_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 DEFINE_AXPY8(axpy8_f32, float, ld16_f32, 16)
-DEFINE_AXPY8(axpy8_bf16, uint16_t, ld16_bf16, 32)
+
+/* bfloat16, eight rows per pass without widening shuffles: each 64-byte line of a row (32 columns) gives its even
+ * columns by a shift and its odd ones by a mask (as the dot product does), summed into y kept deinterleaved per
+ * 32-column chunk ([16 even | 16 odd]; columns past the last full chunk in natural order): lin_input_reduce puts
+ * them back in order (deinterleaved_partials()). */
+__attribute__((target("avx512f,avx512bw"))) static void axpy8_bf16(const uint16_t *WT, const float *h,
+                                                                   const int32_t *idx, Py_ssize_t n, float *y,
+                                                                   Py_ssize_t d) {
+    const Py_ssize_t dv = d / 32 * 32;
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (Py_ssize_t g = 0; g < n; g += 8) {
+        const uint16_t *r[8], *nx[8];
+        float hs[8];
+        __m512 hv[8];
+        int pf = g + 8 < n;
+        for (int k = 0; k < 8; ++k) {
+            int on = g + k < n;
+            r[k] = WT + (Py_ssize_t)idx[on ? g + k : g] * d;
+            hs[k] = on ? h[g + k] : 0.0f;
+            hv[k] = _mm512_set1_ps(hs[k]);
+            nx[k] = WT + (Py_ssize_t)idx[pf && g + 8 + k < n ? g + 8 + k : (pf ? g + 8 : g)] * d;
+        }
+        for (Py_ssize_t c = 0; c < dv; c += 32) {
+            if (pf)
+                for (int k = 0; k < 8; ++k) NPREFETCH(nx[k] + c);
+            __m512 e = _mm512_loadu_ps(y + c), o = _mm512_loadu_ps(y + c + 16);
+            for (int k = 0; k < 8; ++k) {
+                __m512i v = _mm512_loadu_si512((const void *)(r[k] + c));
+                e = _mm512_fmadd_ps(hv[k], _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e);
+                o = _mm512_fmadd_ps(hv[k], _mm512_castsi512_ps(_mm512_and_si512(v, hi)), o);
+            }
+            _mm512_storeu_ps(y + c, e);
+            _mm512_storeu_ps(y + c + 16, o);
+        }
+        for (Py_ssize_t c = dv; c < d; ++c) {
+            float acc = y[c];
+            for (int k = 0; k < 8; ++k) acc += hs[k] * nbf16(r[k][c]);
+            y[c] = acc;
+        }
+    }
+}
 
 static int decode_avx512(void) {
     static int cached = -1;
@@ -379,6 +416,9 @@ static void dot_rows(const Lin *L, const float *x, const int32_t *idx, Py_ssize_
         dot_rows_bf16((const uint16_t *)L->w, x, L->din, idx, r0, r1, L->b, out);
 }
 
+/* whether axpy_rows leaves its sums deinterleaved (the bfloat16 AVX-512 kernel) */
+static inline int deinterleaved_partials(const Lin *L) { return L->dtype == 1 && decode_avx512(); }
+
 /* y += h[i] * row idx[i] of an input-rows weight, for i < n, dispatched on the CPU's instructions */
 static void axpy_rows(const Lin *L, const float *h, const int32_t *idx, Py_ssize_t n, float *y) {
 #if HAVE_DECODE_AVX512
@@ -434,9 +474,11 @@ static void lin_input_reduce(const Lin *L, const Scratch *s, float *y, int p, in
                              Py_ssize_t part_off) {
     Py_ssize_t c0, c1;
     thread_range(L->dout, p, P, &c0, &c1);
+    const Py_ssize_t dv = deinterleaved_partials(L) ? L->dout / 32 * 32 : 0;
     for (Py_ssize_t c = c0; c < c1; ++c) {
+        Py_ssize_t j = c % 32, src = c < dv ? c - j + (j & 1 ? 16 + j / 2 : j / 2) : c;
         float acc = L->b ? L->b[c] : 0.0f;
-        for (int q = 0; q < P; ++q) acc += s->part[(Py_ssize_t)q * part_stride + part_off + c];
+        for (int q = 0; q < P; ++q) acc += s->part[(Py_ssize_t)q * part_stride + part_off + src];
         y[c] = acc;
     }
 }
