@@ -356,3 +356,17 @@ def test_thresholded_sliding_window_families_decode_natively(name, dtype):
             ref = full[ids.shape[1] + i - 1]
             assert (step[0].float() - ref).norm() / ref.norm() < 0.2, i  # bf16 alone: up to 0.09 on SmolLM2
     assert native.runner_of(model).counts["native"] == (31 if dtype == torch.float32 else 15)
+
+
+def test_fast_decode_off_restores_the_users_generation_settings():
+    from transformers import CompileConfig
+
+    model = family("llama")
+    config = model.generation_config
+    config.compile_config, config.disable_compile = CompileConfig(fullgraph=True), True
+    before = (config.cache_implementation, config.compile_config, config.disable_compile)
+    fast_decode(model)
+    fast_decode(model, native=False)  # a second call keeps the first call's saved settings
+    assert config.cache_implementation == "static"
+    fast_decode(model, enable=False)
+    assert (config.cache_implementation, config.compile_config, config.disable_compile) == before

@@ -297,3 +297,21 @@ def test_opcheck_dense_rows(path, dtype):
     torch.testing.assert_close(y.float(), x.float() @ w.float().t(), rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="dense_rows: inconsistent shapes"):
         torch.ops.hf_stochact.dense_rows(x, w[:, :8], None)
+
+
+def test_a_lora_adapter_on_a_sparse_relu_ffn_takes_part():
+    """A LoRA layer put on a sparsified FFN's projections: the sparse path steps aside (it would read the base
+    weights only), so the adapter's delta is in the output, as after merging it."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama("relu").eval()
+    sparsify(model, max_density=1.0)
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"],
+                                                      init_lora_weights=False))
+    ids = calib(1, 1)
+    with torch.no_grad():
+        got = lora(input_ids=ids).logits
+        with lora.disable_adapter():
+            base = lora(input_ids=ids).logits
+        merged = copy.deepcopy(lora).merge_and_unload()(input_ids=ids).logits
+    assert (got - base).abs().max() > 1e-3  # the adapter moves the output
+    torch.testing.assert_close(got, merged, atol=1e-4, rtol=1e-4)

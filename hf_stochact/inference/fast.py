@@ -31,7 +31,8 @@ def _sliding(model: nn.Module) -> bool:
 def fast_decode(model: nn.Module, *, enable: bool = True, native: bool = True, fullgraph: bool = False) -> nn.Module:
     """Make ``model.generate`` decode fast: the native decode step where the model's layout allows it, else a
     compiled step, else eager (see the module docstring; :func:`decode_path` says which was taken and why).
-    Returns ``model``. ``enable=False`` undoes it (dynamic cache, no compilation, the model's own forward).
+    Returns ``model``. ``enable=False`` undoes it: the model's own forward, and the generation config's
+    ``cache_implementation``, ``compile_config`` and ``disable_compile`` as they were before the first call.
 
     Args:
         native: try the native step first (False: the compiled step, as before the native step existed).
@@ -50,10 +51,18 @@ def fast_decode(model: nn.Module, *, enable: bool = True, native: bool = True, f
                          f"{type(model).__name__}")
     native_step.disable(model)
     model.__dict__.pop("_hf_stochact_path", None)
+    saved = model.__dict__.get("_hf_stochact_saved_generation")
     if not enable:
-        config.cache_implementation = None
-        config.compile_config = None
+        if saved is not None:  # the user's own settings, as they were before fast_decode
+            config.cache_implementation, config.compile_config, config.disable_compile = saved
+            del model.__dict__["_hf_stochact_saved_generation"]
+        else:
+            config.cache_implementation = None
+            config.compile_config = None
         return model
+    if saved is None:
+        model.__dict__["_hf_stochact_saved_generation"] = (config.cache_implementation, config.compile_config,
+                                                           config.disable_compile)
     if native:
         runner = native_step.enable(model)
         if runner.built is not None:

@@ -245,8 +245,11 @@ class SparseMLP(_Wrapper):
         if act is None or scope.draw_for(activation) is not None or not x.is_cpu or _needs_grad(self, x):
             return self.dense(x)
         down = modules[layout.down]
-        if _hooked(*self.children_called):  # hooks on gate/up/down/act: run them (dense calls every child)
+        children = self.children_called
+        if _hooked(*children):  # hooks on gate/up/down/act: run them (dense calls every child)
             return self.dense(x)
+        if not all(type(m) in PROJECTION_TYPES for m in children[:-1]):
+            return self.dense(x)  # a child wrapped after sparsify (a LoRA layer, a quantized linear): its own forward
         many = x.numel() > self.config.max_tokens * shape[-1]
         w_gate, b_gate, w_up, b_up = self.mlp.gate_up()
         w_down_t, b_down = down_rows(down), param(down, "bias")
