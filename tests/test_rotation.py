@@ -207,3 +207,39 @@ def test_save_refuses_a_config_whose_rotations_the_model_lacks(tmp_path):
     with pytest.raises(ValueError, match="names rotations this model does not hold"):
         model.save_pretrained(tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_load_state_dict_of_its_own_state_dict_leaves_a_rotated_model_as_it_was(build):
+    """state_dict gives the original basis; load_state_dict rotates what it loads (Trainer's best-model reload and
+    resume go through it); unsparsify afterwards still restores the original weights."""
+    model = build().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    calibrate_thresholds(model, calib(), sparsity=0.4, allocation="uniform", rotate="pca")
+    sparsify(model)
+    ids = calib(1, 12, seed=3)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.load_state_dict(model.state_dict())
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    unsparsify(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, original[k], atol=1e-5, rtol=1e-5)
+
+
+def test_a_rotated_sparsified_model_pickles():
+    import io
+
+    model = tiny_llama().eval()
+    calibrate_thresholds(model, calib(), sparsity=0.4, allocation="uniform", rotate="pca")
+    sparsify(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids = calib(1, 12, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        torch.testing.assert_close(loaded.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                                   model.state_dict()["model.layers.0.self_attn.q_proj.weight"])

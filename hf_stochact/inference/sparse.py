@@ -375,6 +375,46 @@ def _run_rows(x: torch.Tensor, x2d: torch.Tensor, plans: list[tuple], max_densit
     return ys, ks
 
 
+class _OriginalBasis:
+    """``state_dict`` post-hook of a rotated layer: the weight in the original basis (``W`` from ``W R⁻ᵀ``). A
+    module-level class, not a closure: a rotated model pickles (``torch.save``); found again by unrotate()."""
+
+    _hf_stochact_rotation = True
+
+    def __init__(self, r: torch.Tensor, linear: bool):
+        self.r, self.linear = r, linear
+
+    def __call__(self, module, state, prefix, local_metadata) -> None:
+        from .rotation import original_weight
+
+        key = prefix + "weight"
+        if key in state:
+            t = state[key]
+            state[key] = original_weight(t, self.r) if self.linear else original_weight(t.t(), self.r).t().contiguous()
+
+
+class _RotatedBasis:
+    """``load_state_dict`` pre-hook of a rotated layer: a weight given in the original basis (what ``state_dict``
+    writes) is rotated (``W R⁻ᵀ``) before it is copied into the parameter, so ``m.load_state_dict(m.state_dict())``,
+    Trainer's best-model reload and resumes leave the model as it was."""
+
+    _hf_stochact_rotation = True
+
+    def __init__(self, r_inv: torch.Tensor, linear: bool):
+        self.r_inv, self.linear = r_inv, linear
+
+    def __call__(self, module, state, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs) -> None:
+        from .rotation import rotated_weight
+
+        key = prefix + "weight"
+        t = state.get(key)
+        n = self.r_inv.shape[0]
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1 if self.linear else 0] == n:  # else torch
+            state[key] = rotated_weight(t, self.r_inv) if self.linear else \
+                rotated_weight(t.t(), self.r_inv).t().contiguous()  # reports the size mismatch itself
+
+
 class ThresholdedLinear(_Wrapper):
     """A linear layer (``nn.Linear`` or ``Conv1D``) whose inputs with ``|x| <= threshold`` count as 0 (TEAL-style
     input sparsity, thresholds from :func:`~hf_stochact.inference.thresholds.calibrate_thresholds`). Every call
@@ -428,17 +468,10 @@ class ThresholdedLinear(_Wrapper):
             else:  # Conv1D: [in, out]
                 w.data = rotated_weight(w.detach().t(), r_inv).t().contiguous()
         self.rotation = r.float().contiguous()
-
         linear = isinstance(layer, nn.Linear)
-
-        def original_basis(module, state, prefix, local_metadata, r=self.rotation, linear=linear):
-            key = prefix + "weight"
-            if key in state:
-                t = state[key]
-                state[key] = original_weight(t, r) if linear else original_weight(t.t(), r).t().contiguous()
-
-        original_basis._hf_stochact_rotation = True  # found again by unrotate(), also on a deep copy
-        self.register_state_dict_post_hook(original_basis)  # the wrapper's own table: gone with the wrapper
+        # the wrapper's own hook tables (gone with the wrapper): state_dict gives W, load_state_dict takes W
+        self.register_state_dict_post_hook(_OriginalBasis(self.rotation, linear))
+        self._register_load_state_dict_pre_hook(_RotatedBasis(r_inv.float().contiguous(), linear), with_module=True)
 
     def unrotate(self) -> None:
         """The weight back in the original basis (``W'' Rᵀ``), the state-dict hook removed."""
@@ -453,9 +486,9 @@ class ThresholdedLinear(_Wrapper):
                 w.data = original_weight(w.detach(), self.rotation).contiguous()
             else:
                 w.data = original_weight(w.detach().t(), self.rotation).t().contiguous()
-        hooks = self._state_dict_hooks
-        for k in [k for k, h in hooks.items() if getattr(h, "_hf_stochact_rotation", False)]:
-            del hooks[k]
+        for hooks in (self._state_dict_hooks, self._load_state_dict_pre_hooks):
+            for k in [k for k, h in hooks.items() if getattr(getattr(h, "hook", h), "_hf_stochact_rotation", False)]:
+                del hooks[k]
         self.rotation = None
         self._plan = None
 
