@@ -243,3 +243,44 @@ def test_a_rotated_sparsified_model_pickles():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
         torch.testing.assert_close(loaded.state_dict()["model.layers.0.self_attn.q_proj.weight"],
                                    model.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+def _tampered(tmp_path, change):
+    """A saved rotated model whose rotation file is changed by ``change(tensors)`` and whose config's checksum is
+    updated to match (a file that passes the checksum but holds bad content)."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama().eval()
+    calibrate_thresholds(model, calib(), 0.4, allocation="uniform", rotate="pca")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / rotation.ROTATION_FILE
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+    pairs = {}
+    for name in tensors:
+        key = name.rpartition(".")[0]
+        pairs[key] = (tensors[f"{key}.q"], tensors[f"{key}.c"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sparse_thresholds"]["rotation_sha256"] = rotation.digest(pairs)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+
+
+def _first_q(tensors):
+    return next(k for k in tensors if k.endswith(".q"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t[_first_q(t)].view(-1)[0].fill_(float("nan")), "non-finite values"),
+    (lambda t: t[_first_q(t)].mul_(2.0), "not orthogonal"),
+    (lambda t: t.update({k: (torch.eye(8) if k.endswith(".q") else torch.ones(8)) for k in list(t)}),
+     "reads 32 inputs"),
+], ids=["nan", "not-orthogonal", "wrong-size"])
+def test_a_rotation_file_with_a_matching_checksum_but_bad_content_is_refused(tmp_path, damage, message):
+    loaded = _tampered(tmp_path, damage)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        sparsify(loaded)
+    assert not hf_stochact.is_sparsified(loaded)  # refused before anything changed
+    assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items())

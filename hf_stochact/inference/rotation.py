@@ -95,6 +95,25 @@ def save_rotations(rotations: dict[str, tuple[torch.Tensor, torch.Tensor]], fold
     return path
 
 
+def check_rotation(q: torch.Tensor, c: torch.Tensor) -> str:
+    """What is wrong with a rotation (``q`` orthogonal [d, d], ``c`` positive scales [d]), or '' (fine): shapes,
+    floating dtypes, finite values, positive scales, ``qᵀq = I`` within 1e-3 (a file with a matching checksum but bad
+    content must not reach the model: NaN logits or a model left half-sparsified)."""
+    if not (q.is_floating_point() and c.is_floating_point()):
+        return f"not floating point ({q.dtype}, {c.dtype})"
+    if q.dim() != 2 or q.shape[0] != q.shape[1] or c.shape != (q.shape[0],):
+        return f"shapes {tuple(q.shape)} and {tuple(c.shape)} (expected [d, d] and [d])"
+    if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(c).all())):
+        return "non-finite values"
+    if not bool((c > 0).all()):
+        return "scales that are not positive"
+    qd = q.double()
+    error = (qd.t() @ qd - torch.eye(q.shape[0], dtype=torch.float64)).abs().max().item()
+    if error > 1e-3:
+        return f"not orthogonal (|qᵀq - I| up to {error:.3g})"
+    return ""
+
+
 def load_rotations(folder: str | os.PathLike, expected: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The rotations in ``folder/sparse_rotations.safetensors``, checked against the SHA-256 ``expected``.
 
@@ -119,8 +138,9 @@ def load_rotations(folder: str | os.PathLike, expected: str) -> dict[str, tuple[
         if part not in ("q", "c") or f"{key}.q" not in tensors or f"{key}.c" not in tensors:
             raise ValueError(f"{path}: unexpected tensor {name!r}")
         q, c = tensors[f"{key}.q"], tensors[f"{key}.c"]
-        if q.dim() != 2 or q.shape[0] != q.shape[1] or c.shape != (q.shape[0],) or not bool((c > 0).all()):
-            raise ValueError(f"{path}: malformed rotation for {key!r}")
+        problem = check_rotation(q, c)
+        if problem:
+            raise ValueError(f"{path}: malformed rotation for {key!r}: {problem}")
         rotations[key] = (q, c)
     if digest(rotations) != expected:
         raise ValueError(f"{path} does not match these thresholds (SHA-256 differs): it belongs to another "

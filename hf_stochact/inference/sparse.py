@@ -617,6 +617,7 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
         raise ValueError(f"thresholds must be a Thresholds, its dict or None, got {type(thresholds).__name__}")
     if thresholds is not None and thresholds.rotation != "none":
         thresholds.resolve_rotations(model)
+        _check_rotation_sizes(model, thresholds)  # before anything changes: a refusal leaves the model as it was
     mlps = find_mlps(model, need="down")
     relu = [m for m in mlps if relu_kind(m.activation) is not None]
     if not relu and not (thresholds and thresholds.values):
@@ -686,6 +687,26 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
     if explicit and thresholds is not None and getattr(model, "config", None) is not None:
         thresholds.save_to_config(model)
     return model
+
+
+def _check_rotation_sizes(model: nn.Module, thresholds: Thresholds) -> None:
+    """Every rotated layer exists and reads as many inputs as its rotation has rows.
+
+    Raises:
+        ValueError: naming the first layer that does not fit."""
+    for path in thresholds.rotated:
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"sparsify: the thresholds rotate {path!r}, which this model does not have") from None
+        layer = getattr(layer, "original", layer)
+        transform = thresholds.transform(path)
+        w = param(layer, "weight")
+        d_in = w.shape[0] if isinstance(layer, PROJECTION_TYPES) and not isinstance(layer, nn.Linear) else \
+            w.shape[-1]
+        if transform is not None and transform[0].shape != (d_in, d_in):
+            raise ValueError(f"sparsify: the rotation of {path!r} is {tuple(transform[0].shape)}, but the layer reads "
+                             f"{d_in} inputs (a rotation file from another model?)")
 
 
 def _wrap_head(model: nn.Module, cfg: SparseConfig) -> None:
