@@ -457,7 +457,8 @@ class ThresholdedLinear(_Wrapper):
     def rotate(self, r: torch.Tensor, r_inv: torch.Tensor) -> None:
         """Rotate this layer's input (:mod:`~hf_stochact.inference.rotation`): the weight becomes ``W R⁻ᵀ`` in
         place (no second copy) and every call computes from ``x R``; ``state_dict`` still gives ``W`` (computed
-        back), ``load_state_dict`` takes ``W`` (rotated on the way in), and :func:`unsparsify` restores it. Call before the rows layout is set."""
+        back), ``load_state_dict`` takes ``W`` (rotated on the way in), and :func:`unsparsify` restores it. Call
+        before the rows layout is set."""
         from .rotation import rotated_weight
 
         layer = self.original
