@@ -284,3 +284,15 @@ def test_a_rotation_file_with_a_matching_checksum_but_bad_content_is_refused(tmp
         sparsify(loaded)
     assert not hf_stochact.is_sparsified(loaded)  # refused before anything changed
     assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_loaded_rotated_checkpoint_saves_again_before_sparsify(tmp_path):
+    model = tiny_llama().eval()
+    th = calibrate_thresholds(model, calib(), 0.4, allocation="uniform", rotate="pca")
+    model.save_pretrained(tmp_path / "a")
+    tf.AutoModelForCausalLM.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")  # the file travels
+    assert (tmp_path / "b" / rotation.ROTATION_FILE).read_bytes() == (tmp_path / "a" / rotation.ROTATION_FILE) \
+        .read_bytes()
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    sparsify(again)
+    assert rotated_paths(again) == set(th.rotated)

@@ -160,9 +160,17 @@ def to_save(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     if not isinstance(d, dict) or d.get("rotation", "none") == "none":
         return None
     rotations = getattr(model, MODEL_ATTRIBUTE, None)
-    if not rotations or digest(rotations) != d.get("rotation_sha256"):
-        raise ValueError("save_pretrained: config.sparse_thresholds names rotations this model does not hold; "
-                         "calibrate_thresholds(..., rotate=...) on this model first")
+    expected = d.get("rotation_sha256")
+    if not rotations or digest(rotations) != expected:
+        # loaded with from_pretrained and saved again before sparsify: the rotations travel from the source folder
+        folder = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        if folder and os.path.isdir(folder) and (Path(folder) / ROTATION_FILE).is_file():
+            rotations = load_rotations(folder, expected)
+            object.__setattr__(model, MODEL_ATTRIBUTE, rotations)
+            return rotations
+        raise ValueError("save_pretrained: config.sparse_thresholds names rotations this model does not hold and "
+                         f"its source folder has no {ROTATION_FILE}: calibrate_thresholds(..., rotate=...) on this "
+                         "model again, or drop the thresholds (del model.config.sparse_thresholds)")
     return rotations
 
 
