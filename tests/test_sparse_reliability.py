@@ -315,3 +315,15 @@ def test_a_lora_adapter_on_a_sparse_relu_ffn_takes_part():
         merged = copy.deepcopy(lora).merge_and_unload()(input_ids=ids).logits
     assert (got - base).abs().max() > 1e-3  # the adapter moves the output
     torch.testing.assert_close(got, merged, atol=1e-4, rtol=1e-4)
+
+
+def test_sparsify_on_adapter_wrapped_layers_says_to_merge_first():
+    peft = pytest.importorskip("peft")
+    relu = peft.get_peft_model(tiny_llama("relu").eval(), peft.LoraConfig(target_modules=["gate_proj", "down_proj"]))
+    with pytest.raises(ValueError, match=r"adapter-wrapped projections \(peft\.tuners\.lora\.layer\.Linear\): merge"):
+        sparsify(relu.get_base_model())
+    silu = tiny_llama("silu").eval()
+    th = calibrate_thresholds(silu, calib(), sparsity=0.3, allocation="uniform", save=False)
+    wrapped = peft.get_peft_model(silu, peft.LoraConfig(target_modules=["q_proj"])).get_base_model()
+    with pytest.raises(ValueError, match=r"holds an adapter \(peft\.tuners\.lora\.layer\.Linear around its linear"):
+        sparsify(wrapped, thresholds=th)

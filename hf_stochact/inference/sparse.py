@@ -622,7 +622,13 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
     mlps = find_mlps(model, need="down")
     relu = [m for m in mlps if relu_kind(m.activation) is not None]
     if not relu and not (thresholds and thresholds.values):
-        kinds = sorted({type(m.activation).__name__ for m in find_mlps(model)})
+        found = find_mlps(model)
+        adapted = _adapter_child(m.module for m in found)
+        if adapted and any(relu_kind(m.activation) is not None for m in found):
+            raise ValueError(f"sparsify: the ReLU FFNs of {type(model).__name__} have adapter-wrapped projections "
+                             f"({adapted}): merge the adapter first (peft's merge_and_unload()), or sparsify before "
+                             "adding it")
+        kinds = sorted({type(m.activation).__name__ for m in found})
         raise ValueError(f"sparsify: no FFN with a ReLU or ReLU² activation in {type(model).__name__} (FFN "
                          f"activations found: {', '.join(kinds) or 'none'}). Fine-tune to ReLU first, e.g. with "
                          "StochActSchedule or `hf-stochact relufy`, or calibrate input thresholds "
@@ -635,8 +641,13 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
             raise ValueError(f"sparsify: thresholds name {path!r}, which is not a module of "
                              f"{type(model).__name__}") from error
         if not isinstance(getattr(targets[path][0], "wrapped", targets[path][0]), PROJECTION_TYPES):
-            raise ValueError(f"sparsify: thresholds name {path!r}, a {type(targets[path][0]).__name__}, not a linear "
-                             "layer (nn.Linear or Conv1D)")
+            layer = targets[path][0]
+            if _adapter_child([layer]) or hasattr(layer, "base_layer"):
+                raise ValueError(f"sparsify: thresholds name {path!r}, which holds an adapter "
+                                 f"({type(layer).__module__}.{type(layer).__name__} around its linear layer): merge "
+                                 "the adapter first (peft's merge_and_unload()), or sparsify before adding it")
+            raise ValueError(f"sparsify: thresholds name {path!r}, a {type(layer).__module__}."
+                             f"{type(layer).__name__}, not a linear layer (nn.Linear or Conv1D)")
     exact: set[int] = set()
     hooked: list[str] = []
     for mlp in relu:
@@ -688,6 +699,16 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
     if explicit and thresholds is not None and getattr(model, "config", None) is not None:
         thresholds.save_to_config(model)
     return model
+
+
+def _adapter_child(modules) -> str:
+    """The qualified class name of the first adapter layer (a module with a ``base_layer``, as peft's LoRA layers
+    have) among ``modules`` and their children, or ''."""
+    for module in modules:
+        for m in module.modules():
+            if hasattr(m, "base_layer") and isinstance(getattr(m, "base_layer", None), nn.Module):
+                return f"{type(m).__module__}.{type(m).__name__}"
+    return ""
 
 
 def _check_rotation_sizes(model: nn.Module, thresholds: Thresholds) -> None:
