@@ -12,7 +12,6 @@ import socket
 import sysconfig
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 import pytest
