@@ -8,8 +8,8 @@ probability p, else ReLU, redrawn at every forward; for a ReLU (relufied) model 
 The instruct model is asked through its chat template to complete the function in a ```python block; the first
 code block of the reply is appended to the HumanEval prompt (a full re-definition replaces the stub) and run in a
 sandbox (:func:`hf_stochact.analysis.codegen.run_sandboxed`: bubblewrap namespaces; without them an error, or
-rlimits with ``--isolation rlimits``), followed there by the problem's tests as separate, trusted checks: a sample passes only if the checks ran to the
-end. Each record notes the isolation used.
+rlimits with ``--isolation rlimits``), followed there by the problem's tests as separate, trusted checks: a sample
+passes only if the checks ran to the end. Each record notes the isolation used.
 
 Resumable: every (problem, configuration) appends one line to ``--results`` (JSONL) as soon as it is done; a new
 run skips what is there, so an interrupted run continues where it stopped. ``--report`` alone rebuilds the table
