@@ -37,7 +37,8 @@ subprocess in a fresh temporary directory, with an empty environment, the same r
 ``reliability_guard`` prelude that disables the obvious destructive calls, in its own session, killed as a group.
 This guards against accidents (infinite loops, memory blow-ups, stray writes to the working directory), *not*
 against a hostile program: it can reach the network and the caller's files, processes and ``/proc/<pid>/environ``,
-escape the group kill with ``setsid()``, fill the disk with many small files, and, run by root, is exempt from the process limit.
+escape the group kill with ``setsid()``, fill the disk with many small files, and, run by root, is exempt from the
+process limit.
 
 **Both modes** score with the nonce, keep at most ``Limits.output_bytes`` of stderr (the rest is read and
 discarded), return within ``timeout_s`` plus a fraction of a second whatever the program leaves behind, and never
