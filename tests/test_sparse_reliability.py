@@ -327,3 +327,16 @@ def test_sparsify_on_adapter_wrapped_layers_says_to_merge_first():
     wrapped = peft.get_peft_model(silu, peft.LoraConfig(target_modules=["q_proj"])).get_base_model()
     with pytest.raises(ValueError, match=r"holds an adapter \(peft\.tuners\.lora\.layer\.Linear around its linear"):
         sparsify(wrapped, thresholds=th)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resize_token_embeddings_after_sparsify(tied):
+    model = tiny_llama("silu", tie_word_embeddings=tied).eval()
+    calibrate_thresholds(model, calib(), sparsity=0.3, allocation="uniform")
+    sparsify(model)
+    model.resize_token_embeddings(120)
+    head = model.get_output_embeddings()
+    assert type(head).__name__ == "RowsHead" and head.original.weight.shape == (120, 32)
+    assert model.get_input_embeddings().weight.shape == (120, 32)
+    with torch.no_grad():
+        assert model(input_ids=calib(1, 6)).logits.shape == (1, 6, 120)

@@ -731,6 +731,25 @@ def _check_rotation_sizes(model: nn.Module, thresholds: Thresholds) -> None:
                              f"{d_in} inputs (a rotation file from another model?)")
 
 
+def unwrap_head(model: nn.Module) -> SparseConfig | None:
+    """Take a :class:`RowsHead` off ``model``'s output embedding (the original layer back in place); returns its
+    config to put it back with :func:`rewrap_head`, or None if there was none."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, RowsHead):
+        return None
+    path = next((p for p, m in model.named_modules() if m is head), None)
+    if not path:
+        return None
+    _unwrap_one(model, path, head)
+    return head.config
+
+
+def rewrap_head(model: nn.Module, config: SparseConfig) -> None:
+    """Put a :class:`RowsHead` back on ``model``'s (possibly new) output embedding."""
+    _wrap_head(model, config)
+
+
 def _wrap_head(model: nn.Module, cfg: SparseConfig) -> None:
     """Put the output embedding on :class:`RowsHead` (``cfg.head``), or take it off again (re-sparsify)."""
     get = getattr(model, "get_output_embeddings", None)

@@ -111,6 +111,32 @@ def hook_save_pretrained() -> None:
     patches.set_attribute(PreTrainedModel, "save_pretrained", save_pretrained)
 
 
+def hook_resize_token_embeddings() -> None:
+    """Around ``PreTrainedModel.resize_token_embeddings``: a sparsified model's LM head wrapper
+    (:class:`~hf_stochact.inference.sparse.RowsHead`, which transformers' resize refuses as "not an nn.Linear") is
+    taken off first and put back on the resized head."""
+    from transformers import PreTrainedModel
+
+    original = getattr(PreTrainedModel, "resize_token_embeddings", None)
+    _require(callable(original), "PreTrainedModel.resize_token_embeddings is gone")
+    if getattr(original, "_hf_stochact", False):
+        return
+
+    @functools.wraps(original)
+    def resize_token_embeddings(self, *args, **kwargs):
+        from ..inference.sparse import rewrap_head, unwrap_head
+
+        config = unwrap_head(self)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            if config is not None:
+                rewrap_head(self, config)
+
+    resize_token_embeddings._hf_stochact = True
+    patches.set_attribute(PreTrainedModel, "resize_token_embeddings", resize_token_embeddings)
+
+
 def install() -> None:
     """Apply every patch (idempotent): the ``ACT2FN`` entries now, each wrapper when its transformers module is
     imported (now if it already is). ``import hf_stochact`` calls it; call it again after :func:`uninstall`.
@@ -125,6 +151,7 @@ def install() -> None:
     register_activations()
     patches.when_imported("transformers.modeling_utils", hook_post_init)
     patches.when_imported("transformers.modeling_utils", hook_save_pretrained)
+    patches.when_imported("transformers.modeling_utils", hook_resize_token_embeddings)
     patches.when_imported("transformers.generation.utils", generation.install)
     patches.when_imported("transformers.trainer_callback", trainer.install)
     patches.when_imported("peft.peft_model", adapters.install)
