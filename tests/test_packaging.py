@@ -73,7 +73,8 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.models.musicgen.modeling_musicgen import MusicgenForConditionalGeneration
 
 targets = [(PreTrainedModel, "post_init"), (GenerationMixin, "generate"), (CallbackHandler, "add_callback"),
-           (PeftModel, "save_pretrained"), (MusicgenForConditionalGeneration, "generate")]
+           (PeftModel, "save_pretrained"), (MusicgenForConditionalGeneration, "generate"),
+           (PreTrainedModel, "resize_token_embeddings"), (PreTrainedModel, "save_pretrained")]
 original_musicgen = MusicgenForConditionalGeneration.__dict__["generate"]
 from hf_stochact.integration.generation import wrap_class_generate
 assert wrap_class_generate(MusicgenForConditionalGeneration)  # as post_init does for the first model built
