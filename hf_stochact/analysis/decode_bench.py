@@ -259,15 +259,19 @@ def compare(model_dir: str, gguf: str, settings: CompareSettings, progress: Call
             return perplexity(m, windows, progress=False)[0]
 
     variants: list[Variant] = []
+
+    def dense_rows(m, dtype: str, p: float) -> None:
+        """HF eager and (with settings.fast) the native step on the dense model ``m``."""
+        nbytes = weight_bytes(m)
+        variants.append(Variant(f"HF eager dense {dtype}", "HF", dtype, hf_decoder(m, pad), p, bytes_per_token=nbytes))
+        if settings.fast:
+            native = fast_decode(copy.deepcopy(m))
+            variants.append(Variant(f"native step dense {dtype}", "hf_stochact", dtype, hf_decoder(native, pad), p,
+                                    _native_note(native, "dense rows: no sparsity"), bytes_per_token=nbytes))
+
     dense_ppl = ppl(model)
-    dense_bytes = weight_bytes(model)
     progress(f"dense fp32: held-out perplexity {dense_ppl:.3f}")
-    variants.append(Variant("HF eager dense fp32", "HF", "fp32", hf_decoder(model, pad), dense_ppl,
-                            bytes_per_token=dense_bytes))
-    if settings.fast:
-        native = fast_decode(copy.deepcopy(model))
-        variants.append(Variant("native step dense fp32", "hf_stochact", "fp32", hf_decoder(native, pad), dense_ppl,
-                                _native_note(native, "dense rows: no sparsity"), bytes_per_token=dense_bytes))
+    dense_rows(model, "fp32", dense_ppl)
     first = None
     for s in settings.sparsities:
         m, th = thresholded_copy(model, calib, s, settings.allocation)
@@ -287,14 +291,7 @@ def compare(model_dir: str, gguf: str, settings: CompareSettings, progress: Call
             first = (s, th, p, skipped)
     if settings.bf16:
         dense16 = copy.deepcopy(model).to(torch.bfloat16)
-        p16 = ppl(dense16)
-        bytes16 = weight_bytes(dense16)
-        variants.append(Variant("HF eager dense bf16", "HF", "bf16", hf_decoder(dense16, pad), p16,
-                                bytes_per_token=bytes16))
-        if settings.fast:
-            native16 = fast_decode(copy.deepcopy(dense16))
-            variants.append(Variant("native step dense bf16", "hf_stochact", "bf16", hf_decoder(native16, pad), p16,
-                                    _native_note(native16, "dense rows: no sparsity"), bytes_per_token=bytes16))
+        dense_rows(dense16, "bf16", ppl(dense16))
         if first is not None:
             s, th, _, skipped = first
             m16 = copy.deepcopy(model).to(torch.bfloat16)

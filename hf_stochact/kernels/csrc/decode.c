@@ -322,53 +322,29 @@ static int decode_avx512(void) {
 static int decode_avx512(void) { return 0; }
 #endif
 
-/* y[c] += sum_i h[i] * WT[idx[i]][c] for i < n, rows of WT [*, d]: four rows per pass */
-NMULTIVERSION static void axpy_rows_f32n(const float *WT, const float *h, const int32_t *idx, Py_ssize_t n,
-                                         float *y, Py_ssize_t d) {
-    Py_ssize_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        const float *r0 = WT + (Py_ssize_t)idx[i] * d, *r1 = WT + (Py_ssize_t)idx[i + 1] * d,
-                    *r2 = WT + (Py_ssize_t)idx[i + 2] * d, *r3 = WT + (Py_ssize_t)idx[i + 3] * d;
-        if (i + 8 <= n)
-            for (Py_ssize_t c = 0; c < d; c += 16) {
-                NPREFETCH(WT + (Py_ssize_t)idx[i + 4] * d + c);
-                NPREFETCH(WT + (Py_ssize_t)idx[i + 5] * d + c);
-                NPREFETCH(WT + (Py_ssize_t)idx[i + 6] * d + c);
-                NPREFETCH(WT + (Py_ssize_t)idx[i + 7] * d + c);
-            }
-        const float h0 = h[i], h1 = h[i + 1], h2 = h[i + 2], h3 = h[i + 3];
-        NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] += h0 * r0[c] + h1 * r1[c] + h2 * r2[c] + h3 * r3[c];
+/* y[c] += sum_i h[i] * WT[idx[i]][c] for i < n, rows of WT [*, d]: four rows per pass (the portable loop) */
+#define DEFINE_AXPY4(NAME, TYPE, LOAD, LINE)                                                                      \
+    NMULTIVERSION static void NAME(const TYPE *WT, const float *h, const int32_t *idx, Py_ssize_t n, float *y,  \
+                                   Py_ssize_t d) {                                                               \
+        Py_ssize_t i = 0;                                                                                        \
+        for (; i + 4 <= n; i += 4) {                                                                             \
+            const TYPE *r0 = WT + (Py_ssize_t)idx[i] * d, *r1 = WT + (Py_ssize_t)idx[i + 1] * d,                 \
+                       *r2 = WT + (Py_ssize_t)idx[i + 2] * d, *r3 = WT + (Py_ssize_t)idx[i + 3] * d;             \
+            if (i + 8 <= n)                                                                                      \
+                for (Py_ssize_t c = 0; c < d; c += LINE)                                                         \
+                    for (int k = 4; k < 8; ++k) NPREFETCH(WT + (Py_ssize_t)idx[i + k] * d + c);                  \
+            const float h0 = h[i], h1 = h[i + 1], h2 = h[i + 2], h3 = h[i + 3];                                  \
+            NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] +=                                                     \
+                h0 * LOAD(r0, c) + h1 * LOAD(r1, c) + h2 * LOAD(r2, c) + h3 * LOAD(r3, c);                       \
+        }                                                                                                        \
+        for (; i < n; ++i) {                                                                                     \
+            const TYPE *r = WT + (Py_ssize_t)idx[i] * d;                                                         \
+            const float hi = h[i];                                                                               \
+            NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] += hi * LOAD(r, c);                                    \
+        }                                                                                                        \
     }
-    for (; i < n; ++i) {
-        const float *r = WT + (Py_ssize_t)idx[i] * d;
-        const float hi = h[i];
-        NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] += hi * r[c];
-    }
-}
-
-NMULTIVERSION static void axpy_rows_bf16n(const uint16_t *WT, const float *h, const int32_t *idx, Py_ssize_t n,
-                                          float *y, Py_ssize_t d) {
-    Py_ssize_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        const uint16_t *r0 = WT + (Py_ssize_t)idx[i] * d, *r1 = WT + (Py_ssize_t)idx[i + 1] * d,
-                       *r2 = WT + (Py_ssize_t)idx[i + 2] * d, *r3 = WT + (Py_ssize_t)idx[i + 3] * d;
-        if (i + 8 <= n)
-            for (Py_ssize_t c = 0; c < d; c += 32) {
-                NPREFETCH(WT + (Py_ssize_t)idx[i + 4] * d + c);
-                NPREFETCH(WT + (Py_ssize_t)idx[i + 5] * d + c);
-                NPREFETCH(WT + (Py_ssize_t)idx[i + 6] * d + c);
-                NPREFETCH(WT + (Py_ssize_t)idx[i + 7] * d + c);
-            }
-        const float h0 = h[i], h1 = h[i + 1], h2 = h[i + 2], h3 = h[i + 3];
-        NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] +=
-            h0 * nbf16(r0[c]) + h1 * nbf16(r1[c]) + h2 * nbf16(r2[c]) + h3 * nbf16(r3[c]);
-    }
-    for (; i < n; ++i) {
-        const uint16_t *r = WT + (Py_ssize_t)idx[i] * d;
-        const float hi = h[i];
-        NSIMD for (Py_ssize_t c = 0; c < d; ++c) y[c] += hi * nbf16(r[c]);
-    }
-}
+DEFINE_AXPY4(axpy_rows_f32n, float, NLOAD_F32, 16)
+DEFINE_AXPY4(axpy_rows_bf16n, uint16_t, NLOAD_BF16, 32)
 
 /* ---------------------------------------------------------------------------------------------------------------
  * Scratch (per call) */
