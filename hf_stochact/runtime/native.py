@@ -234,6 +234,7 @@ def build(model: nn.Module) -> _Built:
 
 
 def _build(model: nn.Module) -> _Built:
+    from ..activations.stochastic import StochasticActivation
     from ..layouts import find_mlps
 
     if not kn.available():
@@ -288,9 +289,6 @@ def _build(model: nn.Module) -> _Built:
             raise Unsupported(f"layer {i}'s FFN is not a gated MLP with separate gate/up/down projections")
         act_module = mlp.activation
         act = _act_kind(act_module)
-        from ..activations.stochastic import StochasticActivation
-
-        stochastic = isinstance(act_module, StochasticActivation)
         activations.add(id(act_module))
         act_modules.append(act_module)
         act_kinds.append(act)
@@ -311,7 +309,6 @@ def _build(model: nn.Module) -> _Built:
         rope = 0
         if layer_types is not None and _rotary_takes_layer_type(rotary):
             rope = sorted(set(layer_types)).index(layer_types[i])
-        del stochastic
         layer_specs.append((*norms, *qk, specs["q"], specs["k"], specs["v"], specs["o"], specs["gate"], specs["up"],
                             specs["down"], heads, kv_heads, head_dim, kn.ACTIVATIONS[act], sparse_ffn, rope, scale,
                             float(softcap)))
