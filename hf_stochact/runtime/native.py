@@ -233,6 +233,87 @@ def build(model: nn.Module) -> _Built:
         return _build(model)
 
 
+@dataclasses.dataclass
+class _Walk:
+    """What a plan build collects while it walks the decoder layers."""
+
+    keep: kn.Keep
+    mlps: dict[int, Any]  # id(MLP module) -> hf_stochact.layouts.MLP
+    d: int
+    config: Any
+    layer_types: list[str] | None
+    rotary: nn.Module
+    layout: str | None = None
+    built: dict[str, list] = dataclasses.field(
+        default_factory=lambda: {"params": [], "versions": [], "thresholded": []})
+    modules: list[nn.Module] = dataclasses.field(default_factory=list)
+    activations: set[int] = dataclasses.field(default_factory=set)
+    act_modules: list[nn.Module] = dataclasses.field(default_factory=list)
+    act_kinds: list[str] = dataclasses.field(default_factory=list)
+    dims: list[tuple[int, int, int | None]] = dataclasses.field(default_factory=list)  # kv heads, head dim, window
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.built["params"]
+
+
+def _layer_spec(walk: _Walk, i: int, layer: nn.Module) -> tuple:
+    """The C spec of decoder layer ``i`` (norms, q/k norms, the seven projections, head counts, activation, sparse
+    FFN flag, rope table, scale, soft-cap); records what the plan reads in ``walk``. Raises :class:`Unsupported`."""
+    keep, built, d = walk.keep, walk.built, walk.d
+    row = next(((name, norms) for name, norms in DECODER_LAYOUTS
+                if all(n is None or n in layer._modules for n in norms)), None)
+    attn, mlp_module = layer._modules.get("self_attn"), layer._modules.get("mlp")
+    if row is None or attn is None or mlp_module is None:
+        raise Unsupported(f"decoder layer {i} ({type(layer).__name__}) matches no row of DECODER_LAYOUTS")
+    walk.layout = walk.layout or row[0]
+    n1, n2, n3, n4 = (layer._modules[n] if n else None for n in row[1])
+    a = attn._modules
+    if not all(k in a for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        raise Unsupported(f"layer {i}'s attention has no q_proj/k_proj/v_proj/o_proj (fused projections run "
+                          "in the model's own forward)")
+    head_dim, scale = getattr(attn, "head_dim", None), getattr(attn, "scaling", None)
+    if not isinstance(head_dim, int) or not isinstance(scale, float):
+        raise Unsupported(f"layer {i}'s attention has no head_dim/scaling")
+    q_out, k_out = _out_features(a["q_proj"]), _out_features(a["k_proj"])
+    if q_out % head_dim or k_out % head_dim:
+        raise Unsupported(f"layer {i}: projections do not split into heads of {head_dim}")
+    softcap = getattr(attn, "attn_logit_softcapping", None) or 0.0
+    mlp = walk.mlps.get(id(mlp_module))
+    if mlp is None or not mlp.layout.gated or mlp.layout.fused_gate_up:
+        raise Unsupported(f"layer {i}'s FFN is not a gated MLP with separate gate/up/down projections")
+    act_module = mlp.activation
+    act = _act_kind(act_module)
+    walk.activations.add(id(act_module))
+    walk.act_modules.append(act_module)
+    walk.act_kinds.append(act)
+    gate, up, down = (mlp.child(n) for n in (mlp.layout.pre, mlp.layout.up, mlp.layout.down))
+    dff = _out_features(gate)
+    specs = {name: _linear(keep, lin, din, dout, f"layer {i} {name}", built)
+             for name, lin, din, dout in (("q", a["q_proj"], d, q_out), ("k", a["k_proj"], d, k_out),
+                                          ("v", a["v_proj"], d, k_out), ("o", a["o_proj"], q_out, d),
+                                          ("gate", gate, d, dff), ("up", up, d, dff), ("down", down, dff, d))}
+    sparse_ffn = int(act in ("relu", "relu2") and specs["down"][3] == kn.INPUT_ROWS and specs["down"][6] < 0
+                     and specs["gate"][3] == kn.ROWS and specs["up"][3] == kn.ROWS)
+    norms = [_norm_spec(keep, n, d, f"layer {i} norm") for n in (n1, n2, n3, n4)]
+    qk = [_norm_spec(keep, a.get(n), head_dim, f"layer {i} {n}") for n in ("q_norm", "k_norm")]
+    walk.params.extend(n._parameters["weight"] for n in (n1, n2, n3, n4, a.get("q_norm"), a.get("k_norm"))
+                       if n is not None)
+    layer_types = walk.layer_types
+    rope = 0
+    if layer_types is not None and _rotary_takes_layer_type(walk.rotary):
+        rope = sorted(set(layer_types)).index(layer_types[i])
+    window = getattr(attn, "sliding_window", None)
+    if window is None and layer_types is None:
+        window = getattr(walk.config, "sliding_window", None)
+    walk.dims.append((k_out // head_dim, head_dim, window if isinstance(window, int) else None))
+    walk.modules.extend([layer, attn, mlp_module, *(m for m in (n1, n2, n3, n4) if m is not None),
+                         *(a[k] for k in a), gate, up, down, act_module])
+    return (*norms, *qk, specs["q"], specs["k"], specs["v"], specs["o"], specs["gate"], specs["up"], specs["down"],
+            q_out // head_dim, k_out // head_dim, head_dim, kn.ACTIVATIONS[act], sparse_ffn, rope, scale,
+            float(softcap))
+
+
 def _build(model: nn.Module) -> _Built:
     from ..activations.stochastic import StochasticActivation
     from ..layouts import find_mlps
@@ -252,72 +333,14 @@ def _build(model: nn.Module) -> _Built:
         raise Unsupported(f"the input embedding is a {type(embed).__name__}, not an nn.Embedding")
     vocab, d = weight.shape
     head = _head(model)
-    mlps = {id(m.module): m for m in find_mlps(model, need="pre+down")}
-    keep = kn.Keep()
-    built: dict[str, list] = {"params": [weight], "versions": [], "thresholded": []}
-    modules: list[nn.Module] = [model, decoder, embed, final_norm, head]
-    activations: set[int] = set()
-    act_modules: list[nn.Module] = []
-    act_kinds: list[str] = []
-    layer_types = getattr(config, "layer_types", None)
-    layer_specs, layout_name = [], None
-    dims: list[tuple[int, int, int | None]] = []  # per layer: kv heads, head dim, sliding window
-    for i, layer in enumerate(layers):
-        row = next(((name, norms) for name, norms in DECODER_LAYOUTS
-                    if all(n is None or n in layer._modules for n in norms)), None)
-        attn, mlp_module = layer._modules.get("self_attn"), layer._modules.get("mlp")
-        if row is None or attn is None or mlp_module is None:
-            raise Unsupported(f"decoder layer {i} ({type(layer).__name__}) matches no row of DECODER_LAYOUTS")
-        layout_name = layout_name or row[0]
-        n1, n2, n3, n4 = (layer._modules[n] if n else None for n in row[1])
-        a = attn._modules
-        if not all(k in a for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise Unsupported(f"layer {i}'s attention has no q_proj/k_proj/v_proj/o_proj (fused projections run "
-                              "in the model's own forward)")
-        head_dim = getattr(attn, "head_dim", None)
-        scale = getattr(attn, "scaling", None)
-        if not isinstance(head_dim, int) or not isinstance(scale, float):
-            raise Unsupported(f"layer {i}'s attention has no head_dim/scaling")
-        q_out = _out_features(a["q_proj"])
-        k_out = _out_features(a["k_proj"])
-        if q_out % head_dim or k_out % head_dim:
-            raise Unsupported(f"layer {i}: projections do not split into heads of {head_dim}")
-        heads, kv_heads = q_out // head_dim, k_out // head_dim
-        softcap = getattr(attn, "attn_logit_softcapping", None) or 0.0
-        mlp = mlps.get(id(mlp_module))
-        if mlp is None or not mlp.layout.gated or mlp.layout.fused_gate_up:
-            raise Unsupported(f"layer {i}'s FFN is not a gated MLP with separate gate/up/down projections")
-        act_module = mlp.activation
-        act = _act_kind(act_module)
-        activations.add(id(act_module))
-        act_modules.append(act_module)
-        act_kinds.append(act)
-        gate, up, down = (mlp.child(n) for n in (mlp.layout.pre, mlp.layout.up, mlp.layout.down))
-        dff = _out_features(gate)
-        specs = {}
-        for name, lin, din, dout in (("q", a["q_proj"], d, q_out), ("k", a["k_proj"], d, k_out),
-                                     ("v", a["v_proj"], d, k_out), ("o", a["o_proj"], q_out, d),
-                                     ("gate", gate, d, dff), ("up", up, d, dff), ("down", down, dff, d)):
-            specs[name] = _linear(keep, lin, din, dout, f"layer {i} {name}", built)
-        sparse_ffn = int(act in ("relu", "relu2") and specs["down"][3] == kn.INPUT_ROWS and specs["down"][6] < 0
-                         and specs["gate"][3] == kn.ROWS and specs["up"][3] == kn.ROWS)
-        norms = [_norm_spec(keep, n, d, f"layer {i} norm") for n in (n1, n2, n3, n4)]
-        qk = [_norm_spec(keep, a.get(n), head_dim, f"layer {i} {n}") for n in ("q_norm", "k_norm")]
-        for n in (n1, n2, n3, n4, a.get("q_norm"), a.get("k_norm")):
-            if n is not None:
-                built["params"].append(n._parameters["weight"])
-        rope = 0
-        if layer_types is not None and _rotary_takes_layer_type(rotary):
-            rope = sorted(set(layer_types)).index(layer_types[i])
-        layer_specs.append((*norms, *qk, specs["q"], specs["k"], specs["v"], specs["o"], specs["gate"], specs["up"],
-                            specs["down"], heads, kv_heads, head_dim, kn.ACTIVATIONS[act], sparse_ffn, rope, scale,
-                            float(softcap)))
-        window = getattr(attn, "sliding_window", None)
-        if window is None and layer_types is None:
-            window = getattr(config, "sliding_window", None)
-        dims.append((kv_heads, head_dim, window if isinstance(window, int) else None))
-        modules.extend([layer, attn, mlp_module, *(m for m in (n1, n2, n3, n4) if m is not None),
-                        *(a[k] for k in a), gate, up, down, act_module])
+    walk = _Walk(kn.Keep(), {id(m.module): m for m in find_mlps(model, need="pre+down")}, d, config,
+                 getattr(config, "layer_types", None), rotary)
+    walk.params.append(weight)
+    walk.modules.extend([model, decoder, embed, final_norm, head])
+    layer_specs = tuple(_layer_spec(walk, i, layer) for i, layer in enumerate(layers))
+    keep, built, layer_types, dims = walk.keep, walk.built, walk.layer_types, walk.dims
+    modules, activations, act_modules, act_kinds = walk.modules, walk.activations, walk.act_modules, walk.act_kinds
+    layout_name = walk.layout
     embed_ptr, embed_dtype, _ = kn.embedding_spec(keep, weight, d)
     head_spec = _linear(keep, head, d, vocab, "the LM head", built)
     if head_spec[3] != kn.ROWS:
@@ -335,7 +358,7 @@ def _build(model: nn.Module) -> _Built:
         raise Unsupported(hooked)
     modules.append(layers)
     _WATCHED.update(modules)
-    plan = kn.Plan(model_spec, tuple(layer_specs), keep)
+    plan = kn.Plan(model_spec, layer_specs, keep)
     params = built["params"]
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in params})
     result = _Built(plan, layout_name or "?", "/".join(dtypes), params, [t.data_ptr() for t in params],
