@@ -296,3 +296,21 @@ def test_a_loaded_rotated_checkpoint_saves_again_before_sparsify(tmp_path):
     again = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
     sparsify(again)
     assert rotated_paths(again) == set(th.rotated)
+
+
+def test_bf16_rotated_weights_survive_save_load_sparsify_cycles_bit_for_bit(tmp_path):
+    model = tiny_llama().to(torch.bfloat16).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    calibrate_thresholds(model, calib(), 0.4, allocation="uniform", rotate="pca")
+    sparsify(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # the exact bits, not W R R⁻¹
+    model.load_state_dict(model.state_dict())
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    model.save_pretrained(tmp_path / "0")
+    for i in range(2):
+        loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / str(i), dtype=torch.bfloat16).eval()
+        sparsify(loaded)
+        loaded.save_pretrained(tmp_path / str(i + 1))
+        assert all(torch.equal(v, original[k]) for k, v in loaded.state_dict().items()), i
+    unsparsify(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())

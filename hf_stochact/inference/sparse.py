@@ -375,14 +375,29 @@ def _run_rows(x: torch.Tensor, x2d: torch.Tensor, plans: list[tuple], max_densit
     return ys, ks
 
 
+class _Exact:
+    """The exact original weight of a rotated layer whose weights are not float32 (bfloat16 rounding would change
+    ``W`` on every rotate/compute-back cycle: a save would degrade the checkpoint), valid while the parameter's
+    version is the one recorded (training or any in-place change since: the weight is computed back instead).
+    Trade-off: one more copy of the rotated layers' weights in memory, for checkpoints that survive any number of
+    save/load/sparsify cycles bit for bit."""
+
+    def __init__(self, weight: torch.Tensor | None, version: int):
+        self.weight, self.version, self.pending = weight, version, None
+
+    def get(self, param: torch.Tensor) -> torch.Tensor | None:
+        return self.weight if self.weight is not None and param._version == self.version else None
+
+
 class _OriginalBasis:
-    """``state_dict`` post-hook of a rotated layer: the weight in the original basis (``W`` from ``W R⁻ᵀ``). A
-    module-level class, not a closure: a rotated model pickles (``torch.save``); found again by unrotate()."""
+    """``state_dict`` post-hook of a rotated layer: the weight in the original basis (``W`` from ``W R⁻ᵀ``, or the
+    exact original kept for bfloat16). A module-level class, not a closure: a rotated model pickles
+    (``torch.save``); found again by unrotate()."""
 
     _hf_stochact_rotation = True
 
-    def __init__(self, r: torch.Tensor, linear: bool):
-        self.r, self.linear = r, linear
+    def __init__(self, r: torch.Tensor, linear: bool, exact: _Exact | None = None):
+        self.r, self.linear, self.exact = r, linear, exact
 
     def __call__(self, module, state, prefix, local_metadata) -> None:
         from .rotation import original_weight
@@ -390,18 +405,23 @@ class _OriginalBasis:
         key = prefix + "weight"
         if key in state:
             t = state[key]
+            kept = None if self.exact is None else self.exact.get(param(module.original, "weight"))
+            if kept is not None:
+                state[key] = kept.clone()
+                return
             state[key] = original_weight(t, self.r) if self.linear else original_weight(t.t(), self.r).t().contiguous()
 
 
 class _RotatedBasis:
     """``load_state_dict`` pre-hook of a rotated layer: a weight given in the original basis (what ``state_dict``
     writes) is rotated (``W R⁻ᵀ``) before it is copied into the parameter, so ``m.load_state_dict(m.state_dict())``,
-    Trainer's best-model reload and resumes leave the model as it was."""
+    Trainer's best-model reload and resumes leave the model as it was (bit for bit where the exact original is
+    kept: :class:`_Exact`, refreshed by the post-hook below)."""
 
     _hf_stochact_rotation = True
 
-    def __init__(self, r_inv: torch.Tensor, linear: bool):
-        self.r_inv, self.linear = r_inv, linear
+    def __init__(self, r_inv: torch.Tensor, linear: bool, exact: _Exact | None = None):
+        self.r_inv, self.linear, self.exact = r_inv, linear, exact
 
     def __call__(self, module, state, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                  error_msgs) -> None:
@@ -411,8 +431,24 @@ class _RotatedBasis:
         t = state.get(key)
         n = self.r_inv.shape[0]
         if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1 if self.linear else 0] == n:  # else torch
+            if self.exact is not None:
+                self.exact.pending = t.detach().clone()
             state[key] = rotated_weight(t, self.r_inv) if self.linear else \
                 rotated_weight(t.t(), self.r_inv).t().contiguous()  # reports the size mismatch itself
+
+
+class _ExactAfterLoad:
+    """``load_state_dict`` post-hook: the weight just loaded becomes the kept exact original."""
+
+    _hf_stochact_rotation = True
+
+    def __init__(self, exact: _Exact):
+        self.exact = exact
+
+    def __call__(self, module, incompatible_keys) -> None:
+        if self.exact.pending is not None:
+            self.exact.weight, self.exact.pending = self.exact.pending, None
+            self.exact.version = param(module.original, "weight")._version
 
 
 class ThresholdedLinear(_Wrapper):
@@ -464,15 +500,21 @@ class ThresholdedLinear(_Wrapper):
         layer = self.original
         with torch.no_grad():
             w = param(layer, "weight")
+            kept = w.detach().clone() if w.dtype != torch.float32 else None  # bit-exact saves (_Exact)
             if isinstance(layer, nn.Linear):
                 w.data = rotated_weight(w.detach(), r_inv).contiguous()
             else:  # Conv1D: [in, out]
                 w.data = rotated_weight(w.detach().t(), r_inv).t().contiguous()
         self.rotation = r.float().contiguous()
         linear = isinstance(layer, nn.Linear)
+        exact = None if kept is None else _Exact(kept, w._version)
+        self._exact = exact
         # the wrapper's own hook tables (gone with the wrapper): state_dict gives W, load_state_dict takes W
-        self.register_state_dict_post_hook(_OriginalBasis(self.rotation, linear))
-        self._register_load_state_dict_pre_hook(_RotatedBasis(r_inv.float().contiguous(), linear), with_module=True)
+        self.register_state_dict_post_hook(_OriginalBasis(self.rotation, linear, exact))
+        self._register_load_state_dict_pre_hook(_RotatedBasis(r_inv.float().contiguous(), linear, exact),
+                                                with_module=True)
+        if exact is not None:
+            self.register_load_state_dict_post_hook(_ExactAfterLoad(exact))
 
     def unrotate(self) -> None:
         """The weight back in the original basis (``W'' Rᵀ``), the state-dict hook removed."""
@@ -483,11 +525,16 @@ class ThresholdedLinear(_Wrapper):
         layer = self.original
         with torch.no_grad():
             w = param(layer, "weight")
-            if isinstance(layer, nn.Linear):
+            exact = self.__dict__.get("_exact")
+            kept = None if exact is None else exact.get(w)
+            if kept is not None:  # the exact original bits (bfloat16)
+                w.data = kept.clone()
+            elif isinstance(layer, nn.Linear):
                 w.data = original_weight(w.detach(), self.rotation).contiguous()
             else:
                 w.data = original_weight(w.detach().t(), self.rotation).t().contiguous()
-        for hooks in (self._state_dict_hooks, self._load_state_dict_pre_hooks):
+        self._exact = None
+        for hooks in (self._state_dict_hooks, self._load_state_dict_pre_hooks, self._load_state_dict_post_hooks):
             for k in [k for k, h in hooks.items() if getattr(getattr(h, "hook", h), "_hf_stochact_rotation", False)]:
                 del hooks[k]
         self.rotation = None
