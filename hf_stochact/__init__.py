@@ -45,8 +45,8 @@ _LAZY = {
     "sparse_stats": ".inference.sparse",
     "sparsify": ".inference.sparse",
     "unsparsify": ".inference.sparse",
-    "decode_path": ".inference.fast",
-    "fast_decode": ".inference.fast",
+    "decode_path": ".runtime.fast",
+    "fast_decode": ".runtime.fast",
     "Thresholds": ".inference.thresholds",
     "calibrate_thresholds": ".inference.thresholds",
     "apply_saved_activation": ".integration.adapters",
@@ -82,7 +82,6 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs (tests/test_pack
     from .activations import GumbelStochActivation, LearnableStochActivation, StochasticActivation, StochasticSpec
     from .analysis.metrics import SparsityMonitor, measure_sparsity, perplexity
     from .analysis.uncertainty import Uncertainty, uncertainty
-    from .inference.fast import decode_path, fast_decode
     from .inference.sparse import SparseConfig, ThresholdedLinear, is_sparsified, sparse_stats, sparsify, unsparsify
     from .inference.thresholds import Thresholds, calibrate_thresholds
     from .integration.adapters import apply_saved_activation, load_adapter
@@ -97,6 +96,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs (tests/test_pack
     from .integration.generation import set_generation_defaults, stochastic_decoding
     from .integration.serializable import make_serializable
     from .layouts import LAYOUTS, MLP, MLPLayout, ffn_activations, find_mlps
+    from .runtime.fast import decode_path, fast_decode
     from .training.recover import InputSparsityHooks, SparseRecoverySchedule
     from .training.schedule import Stage, StochActSchedule, set_activation
     from .training.shift import GateShift, GateShiftSchedule, calibrate_shift

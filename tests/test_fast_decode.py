@@ -9,7 +9,7 @@ from torch import nn
 
 import hf_stochact
 from hf_stochact import calibrate_thresholds, fast_decode, sparsify
-from hf_stochact.inference.fast import is_fast
+from hf_stochact.runtime.fast import is_fast
 
 
 @pytest.mark.slow

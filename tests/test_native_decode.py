@@ -11,9 +11,9 @@ from torch import nn
 
 from hf_stochact import calibrate_thresholds, fast_decode, sparsify, unsparsify
 from hf_stochact.activations import scope
-from hf_stochact.inference.fast import decode_path, is_fast
 from hf_stochact.kernels import native as kn
 from hf_stochact.runtime import native
+from hf_stochact.runtime.fast import decode_path, is_fast
 
 pytestmark = pytest.mark.skipif(not kn.available(), reason="the C loops are not built")
 
@@ -370,3 +370,10 @@ def test_fast_decode_off_restores_the_users_generation_settings():
     assert config.cache_implementation == "static"
     fast_decode(model, enable=False)
     assert (config.cache_implementation, config.compile_config, config.disable_compile) == before
+
+
+def test_the_old_import_path_still_works_with_a_deprecation_warning():
+    import hf_stochact.inference.fast as old
+
+    with pytest.warns(DeprecationWarning, match="moved to hf_stochact.runtime.fast.fast_decode"):
+        assert old.fast_decode is fast_decode

@@ -190,7 +190,7 @@ def markdown(variants: list[Variant], new_tokens: int, reference: str, machine_l
 
 
 def _native_note(model, note: str) -> str:
-    from ..inference.fast import decode_path
+    from ..runtime.fast import decode_path
 
     path = decode_path(model)
     return note if path.startswith("native decode step") else f"{note}; NOT native: {path}".lstrip("; ")
@@ -238,8 +238,8 @@ def compare(model_dir: str, gguf: str, settings: CompareSettings, progress: Call
 
     from .. import data
     from ..cli.loading import load_causal_lm
-    from ..inference.fast import fast_decode
     from ..inference.sparse import sparsify
+    from ..runtime.fast import fast_decode
     from .machine import describe, machine_report, read_bandwidth, warn_if_busy
     from .metrics import perplexity
 
