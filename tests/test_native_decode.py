@@ -377,3 +377,14 @@ def test_the_old_import_path_still_works_with_a_deprecation_warning():
 
     with pytest.warns(DeprecationWarning, match="moved to hf_stochact.runtime.fast.fast_decode"):
         assert old.fast_decode is fast_decode
+
+
+def test_save_pretrained_after_fast_decode_writes_none_of_it(tmp_path):
+    model = family("llama")
+    fast_decode(model)
+    model.save_pretrained(tmp_path)
+    assert model.generation_config.cache_implementation == "static"  # still fast in this process
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    config = loaded.generation_config
+    assert config.cache_implementation is None and config.compile_config is None and not config.disable_compile
+    assert torch.equal(greedy(loaded, prompt(), 8), greedy(model, prompt(), 8))

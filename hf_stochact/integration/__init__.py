@@ -26,6 +26,7 @@ applied, that the transformers object it relies on is where it expects; a releas
 
 from __future__ import annotations
 
+import copy
 import functools
 
 from ..activations import ACTIVATIONS
@@ -88,8 +89,10 @@ def hook_post_init() -> None:
 
 
 def hook_save_pretrained() -> None:
-    """After ``PreTrainedModel.save_pretrained``: the rotations of rotated input thresholds
-    (:mod:`hf_stochact.inference.rotation`), which ``config.json`` names by digest, go next to the weights."""
+    """Around ``PreTrainedModel.save_pretrained``: the rotations of rotated input thresholds
+    (:mod:`hf_stochact.inference.rotation`), which ``config.json`` names by digest, go next to the weights; the
+    generation config is written without what :func:`~hf_stochact.fast_decode` set (a process setting, like a
+    compiled graph: the reloaded model decodes as saved, and ``fast_decode`` again makes it fast)."""
     from transformers import PreTrainedModel
 
     original = getattr(PreTrainedModel, "save_pretrained", None)
@@ -102,7 +105,17 @@ def hook_save_pretrained() -> None:
         from ..inference.rotation import to_save, write_rotations
 
         rotations = to_save(self)  # raises before anything is written
-        result = original(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
+        saved = self.__dict__.get("_hf_stochact_saved_generation")  # fast_decode's settings stay in this process
+        config = getattr(self, "generation_config", None)
+        if saved is not None and config is not None:
+            written = copy.deepcopy(config)
+            written.cache_implementation, written.compile_config, written.disable_compile = saved
+            self.generation_config = written  # one reference swap: a concurrent generate sees either object
+        try:
+            result = original(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
+        finally:
+            if saved is not None and config is not None:
+                self.generation_config = config
         if is_main_process:
             write_rotations(rotations, save_directory)
         return result
