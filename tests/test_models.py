@@ -126,7 +126,9 @@ def test_gradient_checkpointing_recomputes_the_same_mask():
         torch.manual_seed(42)
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    # the same draws (a different mask moves gradients by O(1)); summation order may differ between the two
+    # passes on some CPUs' kernels, hence a rounding-sized tolerance instead of bit equality
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
 def test_registration_is_idempotent_and_in_place():
