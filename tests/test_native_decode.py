@@ -25,6 +25,7 @@ FAMILIES = {
     "qwen3": (tf.Qwen3ForCausalLM, tf.Qwen3Config, {"head_dim": 16}),  # q/k norms
     "gemma2": (tf.Gemma2ForCausalLM, tf.Gemma2Config, {"head_dim": 16}),  # 4 norms, soft-capping, sliding layers
     "gemma3": (tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, {"head_dim": 16}),  # + q/k norms, local/global rope
+    "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),  # fused
 }
 
 

@@ -38,7 +38,7 @@ from ..kernels import native as kn
 DECODER_LAYOUTS: tuple[tuple[str, tuple[str | None, str | None, str | None, str | None]], ...] = (
     ("gemma2", ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm")),  # Gemma 2, Gemma 3
-    ("llama", ("input_layernorm", None, "post_attention_layernorm", None)),  # Llama, Mistral, Qwen2/3, SmolLM
+    ("llama", ("input_layernorm", None, "post_attention_layernorm", None)),  # Llama, Mistral, Qwen2/3, SmolLM, Phi-3
 )
 
 _ACT_PROBE = torch.linspace(-4.0, 4.0, 97, dtype=torch.float64)
@@ -149,10 +149,30 @@ def _norm_spec(keep: kn.Keep, module: nn.Module | None, d: int, what: str) -> tu
     return kn.norm_spec(keep, weight, kind, eps)
 
 
-def _linear(keep: kn.Keep, layer: nn.Module, d_in: int, d_out: int, what: str, built: dict) -> tuple:
+def _linear(keep: kn.Keep, layer: nn.Module | tuple, d_in: int, d_out: int, what: str, built: dict) -> tuple:
     """The spec of a projection: plain ``nn.Linear`` (rows layout, or the input-rows layout sparsify gives W_down),
-    or sparsify's thresholded layer (input rows, its threshold)."""
+    or sparsify's thresholded layer (input rows, its threshold); ``(layer, first, rows)``: rows ``first`` to
+    ``first + rows`` of a fused projection's output (Phi-3's qkv_proj and gate_up_proj), rows layout only."""
     from ..inference.sparse import ThresholdedLinear
+
+    if isinstance(layer, tuple):
+        fused, first, rows = layer
+        if type(fused) is not nn.Linear or not fused.weight.is_contiguous():
+            raise Unsupported(f"{what} is part of a fused {type(fused).__name__} the step cannot slice (thresholded "
+                              "or re-laid fused projections run in the model's own forward)")
+        weight, bias = fused._parameters["weight"], fused._parameters.get("bias")
+        if weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_cpu:
+            raise Unsupported(f"{what}'s weight is {weight.dtype} on {weight.device}")
+        built["params"].append(weight)
+        if bias is not None:
+            built["params"].append(bias)
+            if bias.dtype != torch.float32:
+                built["versions"].append((bias, bias._version))
+        try:
+            return kn.linear_spec(keep, weight[first:first + rows], None if bias is None else bias[first:first + rows],
+                                  kn.ROWS, d_in, d_out)
+        except ValueError as error:
+            raise Unsupported(f"{what}: {error}") from error
 
     threshold, rotation = -1.0, None
     if isinstance(layer, ThresholdedLinear):
@@ -269,29 +289,44 @@ def _layer_spec(walk: _Walk, i: int, layer: nn.Module) -> tuple:
     walk.layout = walk.layout or row[0]
     n1, n2, n3, n4 = (layer._modules[n] if n else None for n in row[1])
     a = attn._modules
-    if not all(k in a for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        raise Unsupported(f"layer {i}'s attention has no q_proj/k_proj/v_proj/o_proj (fused projections run "
-                          "in the model's own forward)")
     head_dim, scale = getattr(attn, "head_dim", None), getattr(attn, "scaling", None)
     if not isinstance(head_dim, int) or not isinstance(scale, float):
         raise Unsupported(f"layer {i}'s attention has no head_dim/scaling")
-    q_out, k_out = _out_features(a["q_proj"]), _out_features(a["k_proj"])
+    if all(k in a for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        q_out, k_out = _out_features(a["q_proj"]), _out_features(a["k_proj"])
+        qkv = {"q": a["q_proj"], "k": a["k_proj"], "v": a["v_proj"]}
+    elif "qkv_proj" in a and "o_proj" in a:  # Phi-3: [q; k; v] stacked along the output
+        heads = getattr(walk.config, "num_attention_heads", None)
+        kv_heads = getattr(walk.config, "num_key_value_heads", None) or heads
+        if not isinstance(heads, int) or not isinstance(kv_heads, int) or \
+                _out_features(a["qkv_proj"]) != (heads + 2 * kv_heads) * head_dim:
+            raise Unsupported(f"layer {i}'s fused qkv_proj does not split into the config's heads")
+        q_out, k_out = heads * head_dim, kv_heads * head_dim
+        qkv = {"q": (a["qkv_proj"], 0, q_out), "k": (a["qkv_proj"], q_out, k_out),
+               "v": (a["qkv_proj"], q_out + k_out, k_out)}
+    else:
+        raise Unsupported(f"layer {i}'s attention has neither q_proj/k_proj/v_proj/o_proj nor qkv_proj/o_proj")
     if q_out % head_dim or k_out % head_dim:
         raise Unsupported(f"layer {i}: projections do not split into heads of {head_dim}")
     softcap = getattr(attn, "attn_logit_softcapping", None) or 0.0
     mlp = walk.mlps.get(id(mlp_module))
-    if mlp is None or not mlp.layout.gated or mlp.layout.fused_gate_up:
-        raise Unsupported(f"layer {i}'s FFN is not a gated MLP with separate gate/up/down projections")
+    if mlp is None or not mlp.layout.gated:
+        raise Unsupported(f"layer {i}'s FFN is not a gated MLP")
     act_module = mlp.activation
     act = _act_kind(act_module)
     walk.activations.add(id(act_module))
     walk.act_modules.append(act_module)
     walk.act_kinds.append(act)
-    gate, up, down = (mlp.child(n) for n in (mlp.layout.pre, mlp.layout.up, mlp.layout.down))
-    dff = _out_features(gate)
+    gate, down = mlp.child(mlp.layout.pre), mlp.child(mlp.layout.down)
+    if mlp.layout.fused_gate_up:  # Phi-3: [gate; up] stacked along the output
+        dff = _out_features(gate) // 2
+        gate, up = (gate, 0, dff), (gate, dff, dff)
+    else:
+        up = mlp.child(mlp.layout.up)
+        dff = _out_features(gate)
     specs = {name: _linear(keep, lin, din, dout, f"layer {i} {name}", built)
-             for name, lin, din, dout in (("q", a["q_proj"], d, q_out), ("k", a["k_proj"], d, k_out),
-                                          ("v", a["v_proj"], d, k_out), ("o", a["o_proj"], q_out, d),
+             for name, lin, din, dout in (("q", qkv["q"], d, q_out), ("k", qkv["k"], d, k_out),
+                                          ("v", qkv["v"], d, k_out), ("o", a["o_proj"], q_out, d),
                                           ("gate", gate, d, dff), ("up", up, d, dff), ("down", down, dff, d))}
     sparse_ffn = int(act in ("relu", "relu2") and specs["down"][3] == kn.INPUT_ROWS and specs["down"][6] < 0
                      and specs["gate"][3] == kn.ROWS and specs["up"][3] == kn.ROWS)
@@ -308,7 +343,7 @@ def _layer_spec(walk: _Walk, i: int, layer: nn.Module) -> tuple:
         window = getattr(walk.config, "sliding_window", None)
     walk.dims.append((k_out // head_dim, head_dim, window if isinstance(window, int) else None))
     walk.modules.extend([layer, attn, mlp_module, *(m for m in (n1, n2, n3, n4) if m is not None),
-                         *(a[k] for k in a), gate, up, down, act_module])
+                         *(a[k] for k in a), *mlp_module._modules.values()])
     return (*norms, *qk, specs["q"], specs["k"], specs["v"], specs["o"], specs["gate"], specs["up"], specs["down"],
             q_out // head_dim, k_out // head_dim, head_dim, kn.ACTIVATIONS[act], sparse_ffn, rope, scale,
             float(softcap))
