@@ -3,10 +3,10 @@ says which (:func:`decode_path`):
 
 1. **The native decode step** (:mod:`hf_stochact.runtime.native`): one C call per generated token runs every layer,
    the final norm and the LM head on the model's own parameters and HF's static KV cache, with no compilation
-   (set-up is a plan built and self-checked in milliseconds). For the pre-norm decoder layouts of Llama, Mistral,
-   Qwen2/3, SmolLM, Gemma 2/3 and Phi-3 with ``nn.Linear`` projections, float32/bfloat16 weights, dense, thresholded or
-   exact-ReLU sparse (:func:`~hf_stochact.sparsify`). Every call it cannot take (prefill, batches, padding,
-   gradients, stochastic draws, hooks) runs the model's own forward, eagerly.
+   (set-up is a plan built and self-checked in well under a second). For the pre-norm decoder layouts of Llama,
+   Mistral, Qwen2/3, SmolLM, Gemma 2/3 and Phi-3 with ``nn.Linear`` projections, float32/bfloat16 weights, dense,
+   thresholded (rotated or not) or exact-ReLU sparse (:func:`~hf_stochact.sparsify`), stochastic decoding included.
+   Every call it cannot take (prefill, batches, padding, gradients, hooks, adapters) runs the model's own forward.
 2. **A compiled decode step** otherwise: transformers' own ``generation_config.cache_implementation = "static"`` and
    a ``CompileConfig`` that makes ``generate`` compile the step (``torch.compile``, static shapes) on the CPU too.
    ``fullgraph=False`` by default: a step that would recompile past Dynamo's limit (a 9th batch size, several models
