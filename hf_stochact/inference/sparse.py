@@ -693,8 +693,8 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None, *, thresholds
                 raise ValueError(f"sparsify: thresholds name {path!r}, which holds an adapter "
                                  f"({type(layer).__module__}.{type(layer).__name__} around its linear layer): merge "
                                  "the adapter first (peft's merge_and_unload()), or sparsify before adding it")
-            raise ValueError(f"sparsify: thresholds name {path!r}, a {type(layer).__module__}."
-                             f"{type(layer).__name__}, not a linear layer (nn.Linear or Conv1D)")
+            raise ValueError(f"sparsify: thresholds name {path!r}, a {type(layer).__name__}, not a linear layer "
+                             "(nn.Linear or Conv1D)")
     exact: set[int] = set()
     hooked: list[str] = []
     for mlp in relu:
