@@ -386,7 +386,11 @@ class _Exact:
         self.weight, self.version, self.pending = weight, version, None
 
     def get(self, param: torch.Tensor) -> torch.Tensor | None:
-        return self.weight if self.weight is not None and param._version == self.version else None
+        w = self.weight
+        if w is None or param._version != self.version or w.dtype != param.dtype or w.shape != param.shape \
+                or w.device != param.device:  # changed since, or converted (.to() swaps .data without a version)
+            return None
+        return w
 
 
 class _OriginalBasis:
@@ -431,8 +435,8 @@ class _RotatedBasis:
         t = state.get(key)
         n = self.r_inv.shape[0]
         if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1 if self.linear else 0] == n:  # else torch
-            if self.exact is not None:
-                self.exact.pending = t.detach().clone()
+            if self.exact is not None:  # in the parameter's dtype, as load_state_dict will copy it
+                self.exact.pending = t.detach().to(param(module.original, "weight").dtype, copy=True)
             state[key] = rotated_weight(t, self.r_inv) if self.linear else \
                 rotated_weight(t.t(), self.r_inv).t().contiguous()  # reports the size mismatch itself
 

@@ -87,6 +87,7 @@ class Plan:
         self.capsule = ops._C.decode_plan(model_spec, layer_specs)
         self.keep = keep
         self.vocab = model_spec[3]
+        self.n_rope, self.rope_dim = model_spec[8], model_spec[9]
         self.n_layers = len(layer_specs)
 
 
@@ -111,14 +112,18 @@ def step(plan: Plan, token: int, rope: torch.Tensor | None, rope_offset: int, ca
     (nothing written). ``rope`` float32 [positions, n_rope, 2, rope_dim], read at row ``rope_offset``. ``draws``:
     None, or per layer None or ``(round(p * 2**32), negative_only, smooth activation code)``: that layer's FFN
     activation is the smooth one with probability p per element (else ReLU), drawn from ``seed``."""
-    if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.numel() != plan.vocab:
-        raise ValueError("logits must be a contiguous float32 vector of the vocabulary's size")
+    if logits.dtype != torch.float32 or not logits.is_cpu or not logits.is_contiguous() or \
+            logits.numel() != plan.vocab:
+        raise ValueError("logits must be a contiguous float32 CPU vector of the vocabulary's size")
     if len(cache) != plan.n_layers:
         raise ValueError("one cache entry per layer expected")
     address = 0
+    if plan.rope_dim > 0 and rope is None:
+        raise ValueError("this plan needs a rope table")
     if rope is not None:
-        if rope.dtype != torch.float32 or not rope.is_contiguous() or not 0 <= rope_offset < rope.shape[0]:
-            raise ValueError("rope table out of range")
+        if rope.dtype != torch.float32 or not rope.is_cpu or not rope.is_contiguous() or rope.dim() != 4 or \
+                tuple(rope.shape[1:]) != (plan.n_rope, 2, plan.rope_dim) or not 0 <= rope_offset < rope.shape[0]:
+            raise ValueError("rope table of the wrong shape or out of range")
         address = rope.data_ptr() + rope_offset * rope[0].numel() * 4
     if draws is not None and len(draws) != plan.n_layers:
         raise ValueError("one draw entry per layer expected")

@@ -81,6 +81,10 @@ def kernels_rank_salt() -> int:
 
 
 _DATA_PTR = torch.Tensor.data_ptr
+#: the forward arguments a native step takes (anything else given runs the model's own forward)
+_STEP_KWARGS = frozenset({"input_ids", "cache", "past_key_values", "attention_mask", "position_ids", "cache_position",
+                          "logits_to_keep", "use_cache", "return_dict", "inputs_embeds", "labels",
+                          "output_attentions", "output_hidden_states"})
 
 
 class Unsupported(ValueError):
@@ -106,6 +110,10 @@ class _Built:
     rope_dim: int
     dims: list[tuple[int, int, int | None]] = dataclasses.field(default_factory=list)
     thresholded: list[tuple[nn.Module, float, torch.Tensor | None]] = dataclasses.field(default_factory=list)
+    # each FFN activation's settings object and training flag at build (configure() / set_activation() replace the
+    # spec without any registration: the probed kind would be stale)
+    act_states: list[tuple[nn.Module, Any, bool]] = dataclasses.field(default_factory=list)
+    bindings: weakref.WeakKeyDictionary = dataclasses.field(default_factory=weakref.WeakKeyDictionary)
     rope_table: torch.Tensor | None = None
     summary: str = ""
     check_error: float = float("nan")
@@ -329,7 +337,8 @@ def _layer_spec(walk: _Walk, i: int, layer: nn.Module) -> tuple:
                                           ("v", qkv["v"], d, k_out), ("o", a["o_proj"], q_out, d),
                                           ("gate", gate, d, dff), ("up", up, d, dff), ("down", down, dff, d))}
     sparse_ffn = int(act in ("relu", "relu2") and specs["down"][3] == kn.INPUT_ROWS and specs["down"][6] < 0
-                     and specs["gate"][3] == kn.ROWS and specs["up"][3] == kn.ROWS)
+                     and specs["gate"][3] == kn.ROWS and specs["up"][3] == kn.ROWS
+                     and not (specs["gate"][7] or specs["up"][7] or specs["down"][7]))
     norms = [_norm_spec(keep, n, d, f"layer {i} norm") for n in (n1, n2, n3, n4)]
     qk = [_norm_spec(keep, a.get(n), head_dim, f"layer {i} {n}") for n in ("q_norm", "k_norm")]
     walk.params.extend(n._parameters["weight"] for n in (n1, n2, n3, n4, a.get("q_norm"), a.get("k_norm"))
@@ -402,6 +411,7 @@ def _build(model: nn.Module) -> _Built:
                     rotary, list(layer_types) if layer_types is not None else None, rope_dim, dims)
     result.plan_bf16 = any(t.dtype == torch.bfloat16 for t in params)
     result.thresholded = built["thresholded"]
+    result.act_states = [(m, m.__dict__.get("_spec"), m.training) for m in act_modules]
     thresholded = sum(1 for spec in layer_specs for lin in spec[6:13] if lin[6] >= 0)
     rotated = sum(1 for spec in layer_specs for lin in spec[6:13] if lin[7])
     sparse = sum(spec[17] for spec in layer_specs)
@@ -525,34 +535,45 @@ class _Stop(Exception):
 
 
 def _self_check(model: nn.Module, built: _Built) -> None:
-    """Two native steps against the model's own forward (3 tokens: prefill 2, then step; and prefill 1, step, step).
-    Raises :class:`Unsupported` when they disagree beyond float rounding (a layout this plan does not describe)."""
+    """Two native steps (after a prefill of two tokens by the model's own forward) against the model's forward on
+    the four tokens. Raises :class:`Unsupported` when they disagree beyond float rounding (a layout this plan does
+    not describe)."""
     from transformers import StaticCache
 
-    ids = torch.tensor([[3 % built.plan.vocab, 5 % built.plan.vocab, 7 % built.plan.vocab]])
+    vocab = built.plan.vocab
+    ids = torch.tensor([[3 % vocab, 5 % vocab, 7 % vocab, 11 % vocab]])
     bf16 = built.plan_bf16
     with torch.no_grad():
-        reference = model_forward(model, input_ids=ids, use_cache=False).logits[0, -1].float()
+        full = model_forward(model, input_ids=ids, use_cache=False).logits[0].float()
         cache = StaticCache(config=model.config, max_cache_len=8)
         model_forward(model, input_ids=ids[:, :2], use_cache=True, cache_position=torch.arange(2),
                       **{_cache_field(): cache})
-        logits = torch.empty(built.plan.vocab)
-        ok = _run(built, cache, int(ids[0, 2]), 2, 0, None, logits)
-    if not ok:
-        raise Unsupported("the self-check's step found no room in the cache")
+        steps = []
+        for position in (2, 3):  # the second step reads what the first wrote into the cache
+            logits = torch.empty(vocab, dtype=torch.float32, device="cpu")
+            if not _run(built, cache, int(ids[0, position]), position, 0, None, logits):
+                raise Unsupported("the self-check's step found no room in the cache")
+            steps.append(logits)
+    built.check_error = 0.0
+    for logits, reference in zip(steps, full[2:]):
+        _compare(built, logits, reference, bf16)
+
+
+def _compare(built: _Built, logits: torch.Tensor, reference: torch.Tensor, bf16: bool) -> None:
     if bf16:
         # bfloat16: the step keeps activations in float32, the model's forward rounds them to bfloat16 after every
         # operation; on SmolLM2 the step is the closer of the two to a float32 forward (relative L2 error 0.3-4% vs
-        # 0.6-9%), so the check allows the forward's own error: a layout mistake moves the logits by O(1)
+        # 0.6-9%), so the check allows the forward's own error: a layout mistake moves the logits by O(1), and the
+        # structure is also checked exactly through a float32 twin (_structure_check)
         error = ((logits - reference).norm() / (reference.norm() + 1e-6)).item()
-        built.check_error = error
+        built.check_error = max(built.check_error, error)
         if not error <= 0.25:
             raise Unsupported(f"the native step disagrees with the model's forward (relative error {error:.3g}): a "
                               "layout the plan does not describe")
         return
     scale = reference.abs().max().item() + 1e-6
     error = (logits - reference).abs().max().item()
-    built.check_error = error / scale
+    built.check_error = max(built.check_error, error / scale)
     if not error <= 1e-3 * scale:
         raise Unsupported(f"the native step disagrees with the model's forward ({error:.3g} vs logits up to "
                           f"{scale:.3g}): a layout the plan does not describe")
@@ -613,8 +634,8 @@ def _rope(built: _Built, position: int) -> torch.Tensor:
         if table is not None and position < table.shape[0]:
             return table
         n = max(256, 2 * position + 2, 0 if table is None else 2 * table.shape[0])
-        positions = torch.arange(n)[None]
-        x = torch.zeros(1, 1, dtype=torch.float32)
+        positions = torch.arange(n, device="cpu")[None]
+        x = torch.zeros(1, 1, dtype=torch.float32, device="cpu")
         kinds = sorted(set(built.layer_types)) if built.layer_types and _rotary_takes_layer_type(built.rotary) \
             else [None]
         parts = []
@@ -628,15 +649,16 @@ def _rope(built: _Built, position: int) -> torch.Tensor:
 
 def _run(built: _Built, cache: Any, token: int, position: int, seed: int, draws: tuple | None,
          logits: torch.Tensor) -> bool:
-    bound = cache.__dict__.get("_hf_stochact_native")
-    if bound is None or bound[0] is not built.plan:
+    bound = built.bindings.get(cache)  # per cache object, held weakly: a cache copies and pickles as before
+    cache_layers = cache.layers
+    if bound is None or any(layer.keys is not k or layer.values is not v
+                            for layer, (k, v) in zip(cache_layers, bound[3])):
         layers = _cache_layers(built, cache)
         if layers is None:
             return False
-        bound = (built.plan, *layers)
-        cache.__dict__["_hf_stochact_native"] = bound
-    _, specs, sliding, _keep = bound
-    cache_layers = cache.layers
+        bound = (*layers, [(layer.keys, layer.values) for layer in cache_layers])
+        built.bindings[cache] = bound
+    specs, sliding, _keep, _tensors = bound
     entries = tuple((*spec, cache_layers[i].cumulative_length_int if sliding[i] else -1)
                     for i, spec in enumerate(specs))
     if not kn.step(built.plan, token, _rope(built, position), position, entries, seed, draws, logits):
@@ -669,7 +691,6 @@ class NativeDecoder:
         self.reason: str | None = None
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._checked_hooks = False
 
     def ensure(self, model: nn.Module) -> _Built | None:
         built = self.built
@@ -683,13 +704,16 @@ class NativeDecoder:
                 self.built, self.reason = build(model), None
             except Unsupported as error:
                 self.built, self.reason = None, str(error)
+            except Exception as error:  # noqa: BLE001 - a probe or check that fails: the model's own forward runs
+                self.built, self.reason = None, f"the plan could not be built ({type(error).__name__}: {error})"
             return self.built
 
     @staticmethod
     def _current(built: _Built) -> bool:
         return (_REGISTRATIONS[0] == built.registrations and list(map(_DATA_PTR, built.params)) == built.ptrs
                 and all(t._version == v for t, v in built.versions)
-                and all(m.threshold == t and m.rotation is r for m, t, r in built.thresholded))
+                and all(m.threshold == t and m.rotation is r for m, t, r in built.thresholded)
+                and all(m.__dict__.get("_spec") is spec and m.training == mode for m, spec, mode in built.act_states))
 
     def describe(self) -> str:
         if self.built is not None:
@@ -710,22 +734,26 @@ class NativeDecoder:
         ids = kwargs.get("input_ids")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if ids is None or cache is None or ids.shape != (1, 1) or torch.is_grad_enabled():
-            self._checked_hooks = False  # a prefill or another call: hooks are re-checked at the next step
             return None
         for key in ("inputs_embeds", "labels", "output_attentions", "output_hidden_states"):
             if kwargs.get(key) not in (None, False):
                 self.fallback(f"{key} given")
                 return None
+        if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
+            self.fallback("use_cache=False or return_dict=False")
+            return None
+        unknown = set(kwargs) - _STEP_KWARGS
+        if unknown:
+            self.fallback(f"arguments the step does not know ({', '.join(sorted(unknown))})")
+            return None
         built = self.ensure(model)
         if built is None:
             self.fallback(self.reason or "no plan")
             return None
-        if not self._checked_hooks:
-            hooked = _hooked(built.modules)
-            if hooked:
-                self.fallback(hooked)
-                return None
-            self._checked_hooks = True
+        hooked = _hooked(built.modules)  # every step: a hook added between steps must run
+        if hooked:
+            self.fallback(hooked)
+            return None
         from ..activations import scope
 
         current, draws, seed = scope.current(), None, 0
@@ -757,7 +785,7 @@ class NativeDecoder:
         if not _mask_sees_all(kwargs.get("attention_mask"), position + 1):
             self.fallback("an attention mask that hides cached positions")
             return None
-        logits = torch.empty(built.plan.vocab)
+        logits = torch.empty(built.plan.vocab, dtype=torch.float32, device="cpu")
         if not _run(built, cache, int(ids[0, 0]), position, seed, draws, logits):
             self.fallback("the cache is not an initialized static cache with room")
             return None

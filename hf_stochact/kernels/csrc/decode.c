@@ -908,7 +908,8 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
             goto error;
         }
         if (Ly->sparse_ffn && (Ly->gate.layout != LAYOUT_ROWS || Ly->up.layout != LAYOUT_ROWS ||
-                               Ly->down.layout != LAYOUT_INPUT_ROWS || (Ly->act != ACT_RELU && Ly->act != ACT_RELU2))) {
+                               Ly->down.layout != LAYOUT_INPUT_ROWS || (Ly->act != ACT_RELU && Ly->act != ACT_RELU2) ||
+                               Ly->gate.rot || Ly->up.rot || Ly->down.rot || Ly->down.thr >= 0.0f)) {
             fail("sparse FFN");
             goto error;
         }
@@ -1038,7 +1039,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
         Py_ssize_t qd = (Py_ssize_t)pl->layers[i].heads * pl->layers[i].head_dim;
         if (qd > hmax) hmax = qd;
     }
-    Py_ssize_t part_stride = pl->max_group > pl->vocab ? pl->max_group : pl->vocab;
+    Py_ssize_t part_stride = pl->max_group; /* the head is rows layout: it needs no partial sums */
     Py_ssize_t dff = pl->dff > 1 ? pl->dff : 1;
     size_t floats = (size_t)(4 * d + 4 * hmax + 3 * dff + d) + (size_t)P * (size_t)max_len +
                     (size_t)P * (size_t)part_stride + (size_t)P * (size_t)pl->max_din +
@@ -1075,6 +1076,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     s.max_din = pl->max_din;
     s.rope = (float *)rope;
     float *out = (float *)logits;
+    (void)decode_avx512(); /* the CPU check once, before the threads read its cached answer */
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < d; ++i) s.x[i] = load_w(pl->embed, pl->embed_dtype, token * d + i) * pl->embed_scale;
 #pragma omp parallel num_threads(P)
