@@ -2,7 +2,7 @@
 
 Random-weight models of each family at two sizes: tiny (the test configs) and SmolLM2-135M-sized (d=576, 30 layers,
 9 heads / 3 KV heads, d_ff=1536, vocab 49152), in the layouts of Llama, Mistral (default config: sliding window
-4096), Qwen2, Qwen3, Gemma 2 and Gemma 3. Eager and fast_decode copies are timed alternately (A B A B), greedy,
+4096), Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 (fused projections). Eager and fast_decode copies are timed alternately (A B A B), greedy,
 decode tokens/s with the prefill taken out ((n - 1) / (time of n tokens - time of 1 token)), medians.
 
     python examples/decode_families.py --rounds 3 --new-tokens 32
@@ -28,6 +28,7 @@ FAMILIES = {
     "qwen3": (tf.Qwen3ForCausalLM, tf.Qwen3Config, {"head_dim": 64}),
     "gemma2": (tf.Gemma2ForCausalLM, tf.Gemma2Config, {"head_dim": 64}),
     "gemma3": (tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, {"head_dim": 64}),
+    "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
 }
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
