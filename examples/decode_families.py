@@ -2,8 +2,9 @@
 
 Random-weight models of each family at two sizes: tiny (the test configs) and SmolLM2-135M-sized (d=576, 30 layers,
 9 heads / 3 KV heads, d_ff=1536, vocab 49152), in the layouts of Llama, Mistral (default config: sliding window
-4096), Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 (fused projections). Eager and fast_decode copies are timed alternately (A B A B), greedy,
-decode tokens/s with the prefill taken out ((n - 1) / (time of n tokens - time of 1 token)), medians.
+4096), Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 (fused projections). Eager and fast_decode copies are timed
+alternately (A B A B), greedy, decode tokens/s with the prefill taken out ((n - 1) / (time of n tokens - time of 1
+token)), medians.
 
     python examples/decode_families.py --rounds 3 --new-tokens 32
 """
