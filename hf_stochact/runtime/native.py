@@ -157,6 +157,22 @@ def _norm_spec(keep: kn.Keep, module: nn.Module | None, d: int, what: str) -> tu
     return kn.norm_spec(keep, weight, kind, eps)
 
 
+def _tracked(layer: nn.Linear, what: str, built: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``layer``'s weight and bias, checked (plain CPU float32/bfloat16) and recorded for the per-step re-checks
+    (pointers; the version of a bias the step reads through a float32 copy)."""
+    weight, bias = layer._parameters["weight"], layer._parameters.get("bias")
+    if weight.__class__ not in (torch.Tensor, nn.Parameter) or not weight.is_cpu:
+        raise Unsupported(f"{what}'s weight is not a plain CPU tensor")
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        raise Unsupported(f"{what}'s weight is {weight.dtype} (float32 and bfloat16 run natively)")
+    built["params"].append(weight)
+    if bias is not None:
+        built["params"].append(bias)
+        if bias.dtype != torch.float32:
+            built["versions"].append((bias, bias._version))
+    return weight, bias
+
+
 def _linear(keep: kn.Keep, layer: nn.Module | tuple, d_in: int, d_out: int, what: str, built: dict) -> tuple:
     """The spec of a projection: plain ``nn.Linear`` (rows layout, or the input-rows layout sparsify gives W_down),
     or sparsify's thresholded layer (input rows, its threshold); ``(layer, first, rows)``: rows ``first`` to
@@ -168,14 +184,7 @@ def _linear(keep: kn.Keep, layer: nn.Module | tuple, d_in: int, d_out: int, what
         if type(fused) is not nn.Linear or not fused.weight.is_contiguous():
             raise Unsupported(f"{what} is part of a fused {type(fused).__name__} the step cannot slice (thresholded "
                               "or re-laid fused projections run in the model's own forward)")
-        weight, bias = fused._parameters["weight"], fused._parameters.get("bias")
-        if weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_cpu:
-            raise Unsupported(f"{what}'s weight is {weight.dtype} on {weight.device}")
-        built["params"].append(weight)
-        if bias is not None:
-            built["params"].append(bias)
-            if bias.dtype != torch.float32:
-                built["versions"].append((bias, bias._version))
+        weight, bias = _tracked(fused, what, built)
         try:
             return kn.linear_spec(keep, weight[first:first + rows], None if bias is None else bias[first:first + rows],
                                   kn.ROWS, d_in, d_out)
@@ -194,21 +203,10 @@ def _linear(keep: kn.Keep, layer: nn.Module | tuple, d_in: int, d_out: int, what
     if type(layer) is not nn.Linear:
         raise Unsupported(f"{what} is a {type(layer).__name__}, not a plain nn.Linear (an adapter or quantized "
                           "layer runs in the model's own forward)")
-    weight, bias = layer._parameters["weight"], layer._parameters.get("bias")
-    if weight.__class__ not in (torch.Tensor, nn.Parameter) or not weight.is_cpu:
-        raise Unsupported(f"{what}'s weight is not a plain CPU tensor")
-    if weight.dtype not in (torch.float32, torch.bfloat16):
-        raise Unsupported(f"{what}'s weight is {weight.dtype} (float32 and bfloat16 run natively)")
-    built["params"].append(weight)
-    if bias is not None:
-        built["params"].append(bias)
-        if bias.dtype != torch.float32:
-            built["versions"].append((bias, bias._version))
+    weight, bias = _tracked(layer, what, built)
     if threshold >= 0.0 or (not weight.is_contiguous() and weight.t().is_contiguous()):
         w_t = weight.t()
         if not w_t.is_contiguous():
-            w_t = None
-        if w_t is None:
             raise Unsupported(f"{what}'s thresholded weight is not in the rows layout")
         try:
             return kn.linear_spec(keep, w_t, bias, kn.INPUT_ROWS, d_in, d_out, threshold, rotation)
