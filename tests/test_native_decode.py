@@ -416,3 +416,26 @@ def test_thousands_of_steps_do_not_grow_memory():
     steps(3000)
     assert resident() - before < 6 * 2**20, (resident() - before) / 2**20
     assert native.runner_of(model).counts["native"] == 4000
+
+
+def test_an_accelerate_hook_makes_the_step_run_the_models_forward():
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    model = family("llama")
+    ids = prompt()
+    eager = greedy(model, ids, 6)
+    fast_decode(model)
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    mlp = model.model.layers[0].mlp
+    add_hook_to_module(mlp, Counting())
+    assert torch.equal(greedy(model, ids, 6), eager)
+    assert len(calls) == 6 and any("accelerate hook" in k for k in native.runner_of(model).counts)
+    remove_hook_from_module(mlp)
+    greedy(model, ids, 6)
+    assert native.runner_of(model).counts["native"] == 5
