@@ -74,12 +74,6 @@ def _watch_registrations() -> None:
                                m.register_module_buffer_registration_hook(_bump)])
 
 
-def kernels_rank_salt() -> int:
-    from .. import kernels
-
-    return kernels._rank_salt()
-
-
 _DATA_PTR = torch.Tensor.data_ptr
 #: the forward arguments a native step takes (anything else given runs the model's own forward)
 _STEP_KWARGS = frozenset({"input_ids", "cache", "past_key_values", "attention_mask", "position_ids", "cache_position",
@@ -763,7 +757,9 @@ class NativeDecoder:
             if isinstance(draws, str):
                 self.fallback(f"{draws} draws in the model's own forward")
                 return None
-            seed = int(torch.randint(0, 2**62, ())) ^ kernels_rank_salt()
+            from .. import kernels
+
+            seed = int(kernels.new_seed("cpu"))  # torch's RNG, salted by the distributed rank, as the Python path
         if any(m.is_sampling for m in built.sampling):
             self.fallback("a stochastic activation samples by itself (training mode)")
             return None

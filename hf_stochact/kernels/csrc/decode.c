@@ -350,7 +350,7 @@ DEFINE_AXPY4(axpy_rows_bf16n, uint16_t, NLOAD_BF16, 32)
  * Scratch (per call) */
 
 typedef struct {
-    float *x, *a, *q, *k, *v, *att, *o, *g, *u, *h, *y, *scores, *rope;
+    float *x, *a, *q, *k, *v, *att, *o, *g, *u, *h, *y, *scores;
     float *part;     /* [P][max_dout] partial sums of input-rows layers */
     float *xeo;      /* [P][max_din + 64] each thread's deinterleaved input (bf16 AVX-512 kernel) */
     float *xr;       /* [3][max_din]: a group's rotated inputs */
@@ -1074,7 +1074,6 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     s.ffn_idx = s.idx + (Py_ssize_t)P * pl->max_din;
     s.max_len = max_len;
     s.max_din = pl->max_din;
-    s.rope = (float *)rope;
     float *out = (float *)logits;
     (void)decode_avx512(); /* the CPU check once, before the threads read its cached answer */
     Py_BEGIN_ALLOW_THREADS
